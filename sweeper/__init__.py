@@ -1,0 +1,1 @@
+"""Everything across trials: search spaces, Ray Tune sweeps, MLflow tracking, analysis, CLI."""

@@ -1,0 +1,127 @@
+"""`caat-sweep`: train one trial, launch/resume/inspect sweeps, analyse them, open the UI.
+
+Bad input exits with status 2 and one line naming the field and what is allowed; nothing
+is written before the input has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from trainables.config import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(ConfigError):
+    """A bad command line (as opposed to a bad config); also exits 2."""
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from trainables import models
+    from trainables.config import load_config
+    from trainables.trial import DirectoryReporter, load_state, run_trial
+
+    cfg = load_config(args.config, args.set or ())
+    out = Path(args.out)
+    reporter = DirectoryReporter(out, on_report=lambda m: tqdm.write(format_epoch(m)))
+    resume = reporter.latest_checkpoint()
+    if resume is not None and load_state(resume)["config"] != cfg.resolved():
+        raise CliError(f"--out: {out} holds an unfinished trial of a different config; "
+                       "choose another directory or delete it")
+    # Nothing is created in OUT until the first epoch reports: bad data or scenario
+    # settings fail before anything is written.
+    if resume is not None:
+        tqdm.write(f"resuming from {resume}")
+
+    def progress(it, *, epoch: int, total: int):
+        return tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                    unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+    result = run_trial(cfg, reporter, progress=progress)
+    final = final_metrics(result.metrics)
+    final["config"] = cfg.resolved()
+    final["scenario"] = result.problem.scenario.summary()
+    final["history"] = result.history
+    (out / "metrics.json").write_text(json.dumps(final, indent=2))
+    models.save_checkpoint(result.model, out / "model.pt")
+    # The finished model and metrics replace the resumable state.
+    shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
+    print(f"test natural acc {final['natural_acc']:.4f}  robust acc {final['robust_acc']:.4f}  "
+          f"worst-class natural {final['worst_class_natural_acc']:.4f}  -> {out}/metrics.json")
+    return 0
+
+
+def final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json's top level: the last epoch's test metrics without the `test_` prefix."""
+    out = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    out["val"] = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
+    out["train"] = {k: v for k, v in metrics.items()
+                    if not k.startswith(("test_", "val_"))}
+    return out
+
+
+def format_epoch(m: dict[str, Any]) -> str:
+    parts = [f"epoch {m['epoch']}", f"loss {m['train_loss']:.4f}",
+             f"{m['train_samples_per_s']:.0f} samples/s"]
+    if "frac_anti" in m:
+        parts.append(f"anti {m['frac_anti']:.2f}")
+    for split in ("val", "test"):
+        if f"{split}_natural_acc" in m:
+            parts.append(f"{split} nat {m[f'{split}_natural_acc']:.4f} "
+                         f"rob {m[f'{split}_robust_acc']:.4f} "
+                         f"worst {m[f'{split}_worst_class_natural_acc']:.4f}")
+    return "  ".join(parts)
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caat-sweep",
+        description="CAAT and its baselines: single trials, Ray Tune sweeps, MLflow tracking "
+                    "and trade-off analysis.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run one trial without Ray",
+                       description="Run one trial without Ray. Writes OUT/metrics.json (final "
+                                   "test metrics, class-wise lists, resolved config) and "
+                                   "OUT/model.pt. An interrupted run resumes from "
+                                   "OUT/checkpoint when started again with the same config.")
+    p.add_argument("config", nargs="?", default=None,
+                   help="trial config YAML (omit for the defaults: Fashion-MNIST)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set method.name=erm (repeatable)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as err:
+        print(f"caat-sweep {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

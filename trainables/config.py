@@ -1,0 +1,305 @@
+"""The typed trial config: one schema, defaults everywhere, dotted overrides.
+
+An empty config trains on Fashion-MNIST. Every key a user script or a sweep may name is
+declared here; unknown keys, wrong types and out-of-range values fail at load time with
+one line naming the field (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one line naming the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    # forbid: a misspelt key must fail, not be silently ignored.
+    # validate_assignment: configs edited in code stay valid.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Attack radii used when a config leaves eps unset (the literature's defaults).
+DEFAULT_EPS = {"fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "gmm": 0.1,
+               "synthetic": 8 / 255}
+
+
+class DatasetConfig(_Strict):
+    name: str = "fashion_mnist"
+    # Subsample of the training pool, taken after the meta/val splits (class-stratified).
+    train_size: int | None = Field(default=None, ge=1)
+    # synthetic/gmm only: image shape C x H x W, classes and split sizes.
+    shape: tuple[int, int, int] = (3, 32, 32)
+    num_classes: int = Field(default=10, ge=2)
+    n_train: int = Field(default=5000, ge=1)
+    n_test: int = Field(default=1000, ge=1)
+    # gmm only: per-class std grows geometrically from gmm_spread by gmm_spread_ratio
+    # (head class tightest), so classes differ in how hard they are.
+    gmm_spread: float = Field(default=0.08, gt=0)
+    gmm_spread_ratio: float = Field(default=3.0, ge=1)
+    data_dir: str | None = None
+    # CIFAR-style augmentation (random crop with padding, horizontal flip); None = the
+    # dataset's default (on for CIFAR, off otherwise).
+    augment: bool | None = None
+
+
+class ScenarioConfig(_Strict):
+    noise_type: Literal["none", "uniform", "pair", "flip2"] = "none"
+    noise_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+    imbalance_ratio: float = Field(default=1.0, ge=1.0)
+    meta_per_class: int = Field(default=20, ge=1)
+    val_per_class: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _noise_consistent(self) -> ScenarioConfig:
+        if self.noise_type == "none" and self.noise_rate > 0:
+            raise ValueError("noise_rate > 0 needs noise_type uniform, pair or flip2")
+        return self
+
+
+class ModelConfig(_Strict):
+    arch: str = "small_cnn"
+
+
+class MethodConfig(_Strict):
+    """Knobs of every method in one flat block; each method reads the ones it uses."""
+
+    name: str = "trades"
+    eps: float | None = Field(default=None, ge=0.0, le=1.0)  # None: dataset default
+    step_size: float | None = Field(default=None, gt=0.0)  # None: eps / 4
+    steps: int = Field(default=10, ge=1)
+    beta: float = Field(default=6.0, ge=0.0)
+    # CAAT / MWN meta-learning
+    temperature: float = Field(default=0.001, gt=0.0)
+    meta_interval: int = Field(default=10, ge=1)
+    meta_lr: float = Field(default=1e-3, gt=0.0)
+    meta_hidden: int = Field(default=100, ge=1)
+    meta_batch_size: int = Field(default=100, ge=1)
+    directions: Literal["chosen", "both"] = "chosen"
+    bound_mode: Literal["class", "sample"] = "class"
+    bound_range: tuple[float, float] = (0.5, 1.5)
+    # FRL-style multipliers (CAAT and FRL)
+    frl_mode: Literal["reweight", "remargin", "both"] = "both"
+    tolerance: float = Field(default=0.05, ge=0.0)
+    reweight_rate: float = Field(default=0.05, ge=0.0)
+    remargin_rate: float = Field(default=0.05, ge=0.0)
+    weight_limit: float = Field(default=10.0, ge=1.0)
+    margin_limit: float = Field(default=2.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> MethodConfig:
+        lo, hi = self.bound_range
+        if not 0 < lo <= hi:
+            raise ValueError("bound_range must be [lo, hi] with 0 < lo <= hi")
+        return self
+
+
+class InitConfig(_Strict):
+    erm_epochs: int = Field(default=0, ge=0)
+    checkpoint: str | None = None
+    # Where ERM warm starts are cached (shared across trials of a scenario and seed).
+    cache_dir: str | None = None
+
+
+class OptimConfig(_Strict):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    nesterov: bool = True
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+
+
+class EvalConfig(_Strict):
+    eps: float | None = Field(default=None, ge=0.0, le=1.0)  # None: same as training eps
+    steps: int = Field(default=20, ge=1)
+    step_size: float | None = Field(default=None, gt=0.0)  # None: eps / 4
+    every: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    # Cap on samples per split for intermediate evaluations (None: the whole split).
+    # The final epoch is always evaluated on the whole val and test splits.
+    max_samples: int | None = Field(default=2000, ge=1)
+
+
+class RuntimeConfig(_Strict):
+    seed: int = Field(default=0, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrialConfig(_Strict):
+    dataset: DatasetConfig = DatasetConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    init: InitConfig = InitConfig()
+    optim: OptimConfig = OptimConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _registered_names(self) -> TrialConfig:
+        _check_registered(self)
+        return self
+
+    # Derived values: the one place the "None means default" rules live.
+    @property
+    def train_eps(self) -> float:
+        if self.method.eps is not None:
+            return self.method.eps
+        return DEFAULT_EPS.get(self.dataset.name, 8 / 255)
+
+    @property
+    def train_step_size(self) -> float:
+        return self.method.step_size if self.method.step_size is not None else self.train_eps / 4
+
+    @property
+    def eval_eps(self) -> float:
+        return self.eval.eps if self.eval.eps is not None else self.train_eps
+
+    @property
+    def eval_step_size(self) -> float:
+        return self.eval.step_size if self.eval.step_size is not None else self.eval_eps / 4
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain dict with the derived defaults filled in (what metrics.json records)."""
+        out = self.model_dump(mode="json")
+        out["method"]["eps"] = self.train_eps
+        out["method"]["step_size"] = self.train_step_size
+        out["eval"]["eps"] = self.eval_eps
+        out["eval"]["step_size"] = self.eval_step_size
+        return out
+
+
+def _check_registered(cfg: TrialConfig) -> None:
+    # Imported here: the registries import torch-heavy modules, and the config module
+    # must stay importable on its own.
+    from trainables import data, methods, models
+
+    for field, name, registry in (
+        ("dataset.name", cfg.dataset.name, data.DATASETS),
+        ("model.arch", cfg.model.arch, models.MODELS),
+        ("method.name", cfg.method.name, methods.METHODS),
+    ):
+        if name not in registry:
+            raise ValueError(f"{field}: unknown {name!r}; allowed: {', '.join(sorted(registry))}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML scalar/list syntax, so `6`, `0.1`, `true`, `[1, 2]`, `null` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply `a.b=v` overrides to a nested dict (copy); malformed ones raise ConfigError."""
+    out = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. method.beta=6")
+        set_dotted(out, key.strip(), parse_value(value))
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {'a.b': v}; lists and tuples stay values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+        parent = first["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        if allowed:
+            msg += f"; allowed: {', '.join(allowed)}"
+    elif first["type"] == "literal_error":
+        msg = msg.replace("Input should be", "allowed:")
+    msg = msg.removeprefix("Value error, ")
+    if loc in msg.split(":")[0]:
+        return msg
+    return f"{loc}: {msg}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = TrialConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def load_config(source: Mapping[str, Any] | str | Path | None = None,
+                overrides: Iterable[str] = ()) -> TrialConfig:
+    """Validated TrialConfig from a dict, a YAML path or nothing, plus dotted overrides."""
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        raw = read_yaml(source)
+    raw = apply_overrides(raw, overrides)
+    return validate(raw)
+
+
+def validate(raw: Mapping[str, Any]) -> TrialConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return TrialConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

@@ -1,0 +1,35 @@
+"""TRADES (Zhang et al. 2019): CE on clean inputs + beta * KL(f(x) || f(x_adv))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainables.attacks import kl_per_sample, pgd_trades
+from trainables.methods import register
+from trainables.methods.base import Batch, Method, StepResult
+
+
+def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                beta: float) -> torch.Tensor:
+    """Batch-mean CE(clean) + beta * batch-mean KL(p_clean || p_adv) (pure)."""
+    return F.cross_entropy(logits_clean, y) + beta * kl_per_sample(logits_adv, logits_clean).mean()
+
+
+@register
+class TRADES(Method):
+    name = "trades"
+
+    def step(self, batch: Batch, lr: float) -> StepResult:
+        with torch.no_grad():
+            # The attack's target distribution; the model is in eval mode for it, as in
+            # the attack itself, so the target and the attacked logits agree.
+            self.model.eval()
+            target = self.model(batch.x)
+            self.model.train()
+        x_adv = pgd_trades(self.model, batch.x, target, eps=self.eps,
+                           step_size=self.step_size, steps=self.cfg.method.steps)
+        # Two train-mode forwards, as in TRADES: clean and adversarial batches each get
+        # their own BatchNorm statistics.
+        logits_clean, logits_adv = self.model(batch.x), self.model(x_adv)
+        return StepResult(trades_loss(logits_clean, logits_adv, batch.y, self.cfg.method.beta))

@@ -1,0 +1,360 @@
+"""One trial: data -> scenario -> model -> epochs of a method -> metrics and checkpoints.
+
+`run_trial(config, reporter)` is the single code path for `caat-sweep train` (a plain
+reporter writing to a directory) and for Ray Tune (the thin adapter at the bottom, the only
+place in `trainables` that imports Ray). Each epoch reports metrics together with a
+checkpoint holding everything needed to continue bit-for-bit: model, optimiser, method
+state, RNG state, epoch and metric history. Batch order and augmentation are drawn from
+generators seeded by (seed, epoch), so a resumed trial sees the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainables import data as data_mod
+from trainables import methods, models
+from trainables.config import ConfigError, TrialConfig, validate
+from trainables.metrics import evaluate
+from trainables.scenarios import Scenario, build_scenario
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch and batch."""
+
+
+class Reporter(Protocol):
+    """Where a trial sends its per-epoch results (a directory, or Ray Tune)."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+# ------------------------------------------------------------------------ problem setup
+
+
+@dataclass
+class Problem:
+    """The tensors of one scenario on the trial's device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor  # observed labels
+    meta_x: torch.Tensor
+    meta_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    augment: bool
+    scenario: Scenario
+    splits: data_mod.DatasetSplits = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' asked for but no CUDA device is available; "
+                         "allowed here: auto, cpu")
+    return torch.device(name)
+
+
+def build_problem(cfg: TrialConfig, device: torch.device,
+                  splits: data_mod.DatasetSplits | None = None) -> Problem:
+    """Load (or take) the dataset, build the seeded scenario, move its splits to ``device``."""
+    if splits is None:
+        splits = data_mod.load(cfg.dataset, seed=cfg.runtime.seed)
+    sc = cfg.scenario
+    scenario = build_scenario(
+        splits.train_y.numpy(), splits.num_classes, noise_type=sc.noise_type,
+        noise_rate=sc.noise_rate, imbalance_ratio=sc.imbalance_ratio,
+        meta_per_class=sc.meta_per_class, val_per_class=sc.val_per_class,
+        seed=cfg.runtime.seed, train_size=cfg.dataset.train_size)
+
+    def take(idx: np.ndarray) -> torch.Tensor:
+        return splits.train_x[torch.as_tensor(idx)].to(device)
+
+    def labels(y: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(y, dtype=torch.int64, device=device)
+
+    augment = splits.augment if cfg.dataset.augment is None else cfg.dataset.augment
+    return Problem(
+        train_x=take(scenario.train_idx), train_y=labels(scenario.train_labels),
+        meta_x=take(scenario.meta_idx), meta_y=labels(splits.train_y.numpy()[scenario.meta_idx]),
+        val_x=take(scenario.val_idx), val_y=labels(splits.train_y.numpy()[scenario.val_idx]),
+        test_x=splits.test_x.to(device), test_y=splits.test_y.to(device),
+        num_classes=splits.num_classes, augment=augment, scenario=scenario, splits=splits)
+
+
+def build_model(cfg: TrialConfig, problem: Problem, device: torch.device) -> nn.Module:
+    s = problem.splits
+    model = models.build(cfg.model.arch, s.num_classes, s.input_shape[0],
+                         input_shape=s.input_shape, mean=s.mean, std=s.std)
+    if cfg.init.checkpoint:
+        model.load_state_dict(load_init_weights(cfg.init.checkpoint, model))
+    return model.to(device)
+
+
+def load_init_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of a caat-sweeper checkpoint, checked against the model's spec."""
+    if not Path(path).is_file():
+        raise ConfigError(f"init.checkpoint: no such file {path}")
+    init = models.load_checkpoint(path)
+    if init.spec != model.spec:
+        raise ConfigError(f"init.checkpoint: {path} holds a {init.spec['arch']} for "
+                         f"{init.spec['num_classes']} classes; this trial builds "
+                         f"{model.spec['arch']} for {model.spec['num_classes']}")
+    return init.state_dict()
+
+
+def method_data(problem: Problem, device: torch.device) -> methods.MethodData:
+    counts = torch.bincount(problem.train_y, minlength=problem.num_classes)
+    return methods.MethodData(num_classes=problem.num_classes, train_labels=problem.train_y,
+                              class_counts=counts, meta_x=problem.meta_x,
+                              meta_y=problem.meta_y, device=device)
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def lr_at(schedule: str, base_lr: float, progress: float) -> float:
+    """Learning rate at ``progress`` in [0, 1) of training (pure; per-iteration)."""
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":  # /10 at 50% and again at 75%, the usual adversarial-training steps
+        return base_lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+    return base_lr
+
+
+def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
+    """A generator fixed by (seed, epoch, stream), so resumed epochs replay exactly."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0]))
+    return g
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    # The last partial batch is dropped: a batch of 1 breaks BatchNorm in train mode.
+    perm = torch.randperm(n, generator=generator, device=generator.device)
+    stop = n - n % batch_size if n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield perm[start:start + batch_size]
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(directory: Path, **state: Any) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write then rename: a crash mid-write never leaves a truncated checkpoint behind.
+    tmp = directory / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(directory / CHECKPOINT_FILE)
+    return directory
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, Any]  # the last epoch's report (scalars and class-wise lists)
+    history: list[dict[str, Any]]
+    model: nn.Module
+    problem: Problem
+    config: TrialConfig
+
+
+def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
+              splits: data_mod.DatasetSplits | None = None,
+              progress: Callable[[Iterator], Iterator] | None = None) -> TrialResult:
+    """Train one trial, reporting metrics and a checkpoint after every epoch.
+
+    ``splits`` lets a sweep hand over a dataset loaded once; ``progress`` wraps the batch
+    iterator (e.g. a tqdm factory) for interactive runs.
+    """
+    cfg = config if isinstance(config, TrialConfig) else validate(config)
+    device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(cfg.runtime.seed)
+
+    problem = build_problem(cfg, device, splits)
+    model = build_model(cfg, problem, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr,
+                                momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay,
+                                nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0)
+    method = methods.build(cfg.method.name, model, cfg, method_data(problem, device))
+
+    start_epoch, history = 0, []
+    resume_dir = reporter.latest_checkpoint()
+    if resume_dir is not None:
+        state = load_state(resume_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], list(state["history"])
+
+    n_batches = max(1, len(problem.train_y) // cfg.optim.batch_size)
+    metrics: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        train_stats = train_epoch(cfg, model, optimizer, method, problem, epoch, n_batches,
+                                  device, progress)
+        metrics = {"epoch": epoch + 1, **train_stats, **method.epoch_end(epoch)}
+        last = epoch + 1 == cfg.optim.epochs
+        if last or (epoch + 1) % cfg.eval.every == 0:
+            metrics.update(evaluate_splits(cfg, model, problem, epoch, full=last))
+        history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        with tempfile.TemporaryDirectory(prefix="caat-ckpt-") as tmp:
+            save_state(Path(tmp), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                       method=method.state_dict(), rng=rng_state(), epoch=epoch + 1,
+                       history=history, config=cfg.resolved(), spec=model.spec)
+            reporter.report(metrics, Path(tmp))
+    model.eval()
+    return TrialResult(metrics=metrics, history=history, model=model, problem=problem,
+                       config=cfg)
+
+
+def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                method: methods.Method, problem: Problem, epoch: int, n_batches: int,
+                device: torch.device, progress: Callable | None) -> dict[str, float]:
+    model.train()
+    method.epoch_start(epoch)
+    seed = cfg.runtime.seed
+    order = epoch_generator(seed, epoch, 0, device)
+    aug = epoch_generator(seed, epoch, 1, device) if problem.augment else None
+    total_steps = cfg.optim.epochs * n_batches
+    loss_sum, seen, sums = 0.0, 0, {}
+    t0 = time.perf_counter()
+    it = batches(len(problem.train_y), cfg.optim.batch_size, order)
+    for i, idx in enumerate(progress(it, epoch=epoch, total=n_batches) if progress else it):
+        lr = lr_at(cfg.optim.schedule, cfg.optim.lr, (epoch * n_batches + i) / total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = problem.train_x[idx]
+        if aug is not None:
+            x = data_mod.augment(x, generator=aug)
+        out = method.step(methods.Batch(x=x, y=problem.train_y[idx], idx=idx), lr)
+        loss = out.loss.detach()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"epoch {epoch + 1}, batch {i + 1}: training loss is {loss.item()}; "
+                f"lower optim.lr (now {cfg.optim.lr}) or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        # .item() syncs with the device; do it only once per batch for the loss.
+        loss_sum += loss.item() * len(idx)
+        seen += len(idx)
+        for k, v in out.sums.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    elapsed = time.perf_counter() - t0
+    stats = {"train_loss": loss_sum / max(seen, 1),
+             "train_samples_per_s": seen / max(elapsed, 1e-9)}
+    stats.update({k: v / max(seen, 1) for k, v in sums.items()})
+    return stats
+
+
+def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch: int,
+                    full: bool) -> dict[str, Any]:
+    """`val_*` and `test_*` metrics; intermediate epochs may use a fixed random subset."""
+    out: dict[str, Any] = {}
+    device = problem.test_x.device
+    for split, x, y, stream in (("val", problem.val_x, problem.val_y, 2),
+                                ("test", problem.test_x, problem.test_y, 3)):
+        cap = cfg.eval.max_samples
+        if not full and cap is not None and cap < len(y):
+            # Same subset every epoch (seed only), so intermediate curves are comparable.
+            keep = torch.randperm(len(y), generator=epoch_generator(cfg.runtime.seed, -1,
+                                                                    stream, device),
+                                  device=device)[:cap]
+            x, y = x[keep], y[keep]
+        res = evaluate(model, x, y, problem.num_classes, eps=cfg.eval_eps,
+                       steps=cfg.eval.steps, step_size=cfg.eval_step_size,
+                       batch_size=cfg.eval.batch_size,
+                       generator=epoch_generator(cfg.runtime.seed, epoch, stream + 10, device))
+        out.update({f"{split}_{k}": v for k, v in res.items()})
+    return out
+
+
+# ------------------------------------------------------------------------- reporters
+
+
+class DirectoryReporter:
+    """Keeps the latest checkpoint and the metric history in a directory (no Ray)."""
+
+    def __init__(self, out_dir: Path, on_report: Callable[[dict[str, Any]], None] | None = None):
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoint"
+        self.on_report = on_report
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        tmp = self.out_dir / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        tmp.rename(self.checkpoint_dir)
+        if self.on_report:
+            self.on_report(metrics)
+
+    def latest_checkpoint(self) -> Path | None:
+        return self.checkpoint_dir if (self.checkpoint_dir / CHECKPOINT_FILE).is_file() else None
+
+
+class RayReporter:
+    """The adapter between `run_trial` and Ray Tune's session API."""
+
+    def __init__(self) -> None:
+        from ray import tune
+
+        self._tune = tune
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        (checkpoint_dir / "classwise.json").write_text(json.dumps(
+            {k: v for k, v in metrics.items() if isinstance(v, list)}))
+        self._tune.report(scalars, checkpoint=self._tune.Checkpoint.from_directory(
+            str(checkpoint_dir)))
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpt = self._tune.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="caat-restore-")
+        return Path(ckpt.to_directory(self._restored.name))
