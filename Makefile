@@ -1,0 +1,50 @@
+# Set-up and the commands README names. Everything installs into $(VENV).
+VENV ?= .venv
+PYTHON ?= python3
+# A CPU build is enough for the demo and the tests; on a GPU machine set TORCH_SPEC to
+# the CUDA build you want (pip install happens only when the venv is first made).
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/caat-sweep
+FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo train-demo test test-fast lint clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST from Debian where we can install packages; elsewhere torchvision
+# downloads it on first use (or point CAAT_DATA_DIR at the four .gz files).
+data:
+	@if [ -f $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$CAAT_DATA_DIR" ]; then \
+	  echo "Fashion-MNIST: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	  echo "Fashion-MNIST: installed from Debian"; \
+	else \
+	  echo "Fashion-MNIST: will be downloaded by torchvision on first use"; \
+	fi
+
+demo: train-demo
+
+# One trial with the default config (Fashion-MNIST, small_cnn, TRADES).
+train-demo: setup
+	$(CLI) train --out runs/train-demo
+
+test: setup
+	bash .ci/pytest.sh -m "slow or not slow"
+
+test-fast: setup
+	bash .ci/pytest.sh
+
+lint: setup
+	$(VENV)/bin/ruff check trainables sweeper tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache

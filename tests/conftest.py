@@ -1,0 +1,44 @@
+"""Shared fixtures: small slices of real Fashion-MNIST and a tiny synthetic problem."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep torch from oversubscribing when tests run beside Ray workers.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    """The full real Fashion-MNIST (CPU tensors), loaded once per test session."""
+    from trainables.config import DatasetConfig
+    from trainables.data import load
+
+    return load(DatasetConfig(name="fashion_mnist"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(fmnist):
+    """A 4000/1000 slice of real Fashion-MNIST, same format as the full set."""
+    from dataclasses import replace
+
+    return replace(fmnist, train_x=fmnist.train_x[:4000], train_y=fmnist.train_y[:4000],
+                   test_x=fmnist.test_x[:1000], test_y=fmnist.test_y[:1000])
+
+
+def tiny_config(**sections) -> dict:
+    """A trial config that trains in about a second on the Fashion-MNIST slice."""
+    cfg = {
+        "dataset": {"name": "fashion_mnist", "train_size": 600},
+        "scenario": {"meta_per_class": 5, "val_per_class": 10},
+        "method": {"name": "erm", "steps": 2},
+        "optim": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+        "eval": {"steps": 2, "max_samples": 200},
+        "runtime": {"seed": 0, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
