@@ -12,8 +12,12 @@ from trainables.methods.base import Batch, Method, StepResult
 
 def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
                 beta: float) -> torch.Tensor:
-    """Batch-mean CE(clean) + beta * batch-mean KL(p_clean || p_adv) (pure)."""
-    return F.cross_entropy(logits_clean, y) + beta * kl_per_sample(logits_adv, logits_clean).mean()
+    """Batch-mean CE(clean) + beta * batch-mean KL(p_clean || p_adv) (pure).
+
+    As in Zhang et al., gradients flow through both the clean and the adversarial logits.
+    """
+    return F.cross_entropy(logits_clean, y) + beta * kl_per_sample(
+        logits_adv, logits_clean, detach_clean=False).mean()
 
 
 @register
