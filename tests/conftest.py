@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# Tests never touch the network: a missing dataset must fail, not start a download.
+os.environ["CAAT_OFFLINE"] = "1"
+
 # Two cores on CI: keep torch from oversubscribing when tests run beside Ray workers.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

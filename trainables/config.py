@@ -297,7 +297,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML ({getattr(err, 'problem', err)})") from None
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"{path}:{where} malformed YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -97,6 +97,8 @@ def clear_cache() -> None:
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caat-sweeper"
 ENV_DATA_DIR = "CAAT_DATA_DIR"
+# Set to 1 to never download (tests, air-gapped clusters): a missing dataset fails at once.
+ENV_OFFLINE = "CAAT_OFFLINE"
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -125,6 +127,8 @@ def _one_line(err: BaseException) -> str:
 
 def _download(dataset: str, root: Path) -> None:
     """Fetch a dataset into root with torchvision; any failure becomes one DataError."""
+    if os.environ.get(ENV_OFFLINE, "") not in ("", "0"):
+        raise DataError(f"downloads disabled ({ENV_OFFLINE}={os.environ[ENV_OFFLINE]})")
     try:
         import torchvision.datasets as tvd
     except Exception as err:  # a CUDA/CPU build mismatch raises RuntimeError, not ImportError

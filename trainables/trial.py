@@ -142,6 +142,10 @@ def lr_at(schedule: str, base_lr: float, progress: float) -> float:
     return base_lr
 
 
+# Independent random streams of a trial, so that e.g. evaluation never shifts batch order.
+STREAM_ORDER, STREAM_AUGMENT, STREAM_EVAL_SUBSET, STREAM_EVAL_ATTACK = 0, 1, 2, 3
+
+
 def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
     """A generator fixed by (seed, epoch, stream), so resumed epochs replay exactly."""
     g = torch.Generator(device=device)
@@ -256,8 +260,8 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
     model.train()
     method.epoch_start(epoch)
     seed = cfg.runtime.seed
-    order = epoch_generator(seed, epoch, 0, device)
-    aug = epoch_generator(seed, epoch, 1, device) if problem.augment else None
+    order = epoch_generator(seed, epoch, STREAM_ORDER, device)
+    aug = epoch_generator(seed, epoch, STREAM_AUGMENT, device) if problem.augment else None
     total_steps = cfg.optim.epochs * n_batches
     loss_sum, seen, sums = 0.0, 0, {}
     t0 = time.perf_counter()
@@ -295,19 +299,18 @@ def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch:
     """`val_*` and `test_*` metrics; intermediate epochs may use a fixed random subset."""
     out: dict[str, Any] = {}
     device = problem.test_x.device
-    for split, x, y, stream in (("val", problem.val_x, problem.val_y, 2),
-                                ("test", problem.test_x, problem.test_y, 3)):
+    for i, (split, x, y) in enumerate((("val", problem.val_x, problem.val_y),
+                                       ("test", problem.test_x, problem.test_y))):
         cap = cfg.eval.max_samples
         if not full and cap is not None and cap < len(y):
-            # Same subset every epoch (seed only), so intermediate curves are comparable.
-            keep = torch.randperm(len(y), generator=epoch_generator(cfg.runtime.seed, -1,
-                                                                    stream, device),
-                                  device=device)[:cap]
+            # Same subset every epoch (epoch key fixed at 0), so the curves are comparable.
+            pick = epoch_generator(cfg.runtime.seed, 0, STREAM_EVAL_SUBSET + 10 * i, device)
+            keep = torch.randperm(len(y), generator=pick, device=device)[:cap]
             x, y = x[keep], y[keep]
+        attack = epoch_generator(cfg.runtime.seed, epoch, STREAM_EVAL_ATTACK + 10 * i, device)
         res = evaluate(model, x, y, problem.num_classes, eps=cfg.eval_eps,
                        steps=cfg.eval.steps, step_size=cfg.eval_step_size,
-                       batch_size=cfg.eval.batch_size,
-                       generator=epoch_generator(cfg.runtime.seed, epoch, stream + 10, device))
+                       batch_size=cfg.eval.batch_size, generator=attack)
         out.update({f"{split}_{k}": v for k, v in res.items()})
     return out
 

@@ -46,7 +46,7 @@ def test_flatten_round_trips_dotted_names():
     ({"dataset": {"name": "mnist"}}, [], "dataset.name: unknown 'mnist'; allowed: "),
     ({"model": {"arch": "vgg"}}, [], "model.arch: unknown 'vgg'; allowed: "),
     ({}, ["method.beta"], "expected KEY=VALUE"),
-    ({}, ["method.beta.x=1"], "method.beta: is a value"),
+    ({"method": {"beta": 1}}, ["method.beta.x=1"], "method.beta: is a value"),
     ([1, 2], [], "expected a mapping"),
 ])
 def test_bad_configs_fail_with_one_line_naming_the_field(raw, overrides, expected):

@@ -18,7 +18,8 @@ def build(name: str, model: nn.Module, cfg, data: MethodData) -> Method:
     try:
         cls = METHODS[name]
     except KeyError:
-        raise ValueError(f"method.name: unknown {name!r}; allowed: {', '.join(sorted(METHODS))}") from None
+        allowed = ", ".join(sorted(METHODS))
+        raise ValueError(f"method.name: unknown {name!r}; allowed: {allowed}") from None
     return cls(model, cfg, data)
 
 

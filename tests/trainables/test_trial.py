@@ -1,0 +1,124 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from trainables import methods
+from trainables.config import load_config
+from trainables.methods.base import Method, StepResult
+from trainables.metrics import SCALAR_METRICS
+from trainables.trial import (
+    DirectoryReporter,
+    NonFiniteLossError,
+    batches,
+    epoch_generator,
+    load_state,
+    lr_at,
+    run_trial,
+)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(DirectoryReporter):
+    """A reporter that crashes the trial after `n` epochs, like a killed process."""
+
+    def __init__(self, out_dir, n):
+        super().__init__(out_dir)
+        self.n = n
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.n:
+            raise Interrupt
+
+
+def test_every_epoch_reports_design_metric_names(tmp_path, fmnist_small):
+    seen = []
+    reporter = DirectoryReporter(tmp_path, on_report=seen.append)
+    result = run_trial(tiny_config(), reporter, splits=fmnist_small)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    for m in seen:
+        for split in ("val", "test"):
+            for name in SCALAR_METRICS:
+                assert 0 <= m[f"{split}_{name}"] <= 1 or name == "boundary_error"
+            assert len(m[f"{split}_class_natural_acc"]) == 10
+        assert m["train_loss"] > 0 and m["train_samples_per_s"] > 0
+    # The final evaluation covers the whole test split; intermediate ones a capped subset.
+    assert len(result.problem.test_y) == 1000
+    assert result.metrics["test_natural_acc"] > 0.5  # it learnt something real
+    assert result.model.training is False
+    assert load_state(reporter.checkpoint_dir)["epoch"] == 2
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
+    cfg = tiny_config(method={"name": method}, optim={"epochs": 3})
+    straight = run_trial(cfg, DirectoryReporter(tmp_path / "a"), splits=fmnist_small)
+    with pytest.raises(Interrupt):
+        run_trial(cfg, StopAfter(tmp_path / "b", 1), splits=fmnist_small)
+    resumed = run_trial(cfg, DirectoryReporter(tmp_path / "b"), splits=fmnist_small)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.history[0]["train_loss"] == straight.history[0]["train_loss"]
+    for key in ("train_loss", "test_robust_acc", "val_natural_acc"):
+        assert resumed.metrics[key] == straight.metrics[key]
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path, fmnist_small):
+    runs = [run_trial(tiny_config(runtime={"seed": s}, optim={"epochs": 1}),
+                      DirectoryReporter(tmp_path / str(i)), splits=fmnist_small)
+            for i, s in enumerate([3, 3, 4])]
+    assert runs[0].metrics["train_loss"] == runs[1].metrics["train_loss"]
+    assert runs[0].metrics["train_loss"] != runs[2].metrics["train_loss"]
+
+
+class Exploding(Method):
+    name = "exploding_test_method"
+
+    def step(self, batch, lr):
+        loss = self.model(batch.x).sum() * 0
+        return StepResult(loss + (float("nan") if self.calls() > 3 else 1.0))
+
+    def calls(self):
+        self.n = getattr(self, "n", 0) + 1
+        return self.n
+
+
+def test_non_finite_loss_names_the_epoch(tmp_path, fmnist_small, monkeypatch):
+    monkeypatch.setitem(methods.METHODS, Exploding.name, Exploding)
+    cfg = tiny_config(method={"name": Exploding.name})
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 4: training loss is nan"):
+        run_trial(cfg, DirectoryReporter(tmp_path), splits=fmnist_small)
+
+
+def test_lr_schedules():
+    assert lr_at("cosine", 0.1, 0.0) == pytest.approx(0.1)
+    assert lr_at("cosine", 0.1, 0.5) == pytest.approx(0.05)
+    assert lr_at("step", 0.1, 0.49) == pytest.approx(0.1)
+    assert lr_at("step", 0.1, 0.5) == pytest.approx(0.01)
+    assert lr_at("step", 0.1, 0.8) == pytest.approx(0.001)
+    assert lr_at("constant", 0.1, 0.9) == 0.1
+    assert not math.isnan(lr_at("cosine", 0.1, 0.999))
+
+
+def test_batches_cover_each_sample_once_and_replay_per_epoch():
+    g = lambda e: epoch_generator(1, e, 0, torch.device("cpu"))  # noqa: E731
+    first = torch.cat(list(batches(103, 10, g(0))))
+    assert len(first) == 100 and len(set(first.tolist())) == 100  # last partial batch dropped
+    assert torch.equal(first, torch.cat(list(batches(103, 10, g(0)))))
+    assert not torch.equal(first, torch.cat(list(batches(103, 10, g(1)))))
+
+
+def test_init_checkpoint_must_match_the_model(tmp_path, fmnist_small):
+    from trainables import models
+    from trainables.config import ConfigError
+
+    other = models.build("small_cnn", 5, 1, input_shape=(1, 28, 28))
+    models.save_checkpoint(other, tmp_path / "m.pt")
+    cfg = load_config(tiny_config(init={"checkpoint": str(tmp_path / "m.pt")}))
+    with pytest.raises(ConfigError, match="init.checkpoint: .* for 5 classes"):
+        run_trial(cfg, DirectoryReporter(tmp_path / "out"), splits=fmnist_small)
