@@ -109,7 +109,7 @@ class InitConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    epochs: int = Field(default=10, ge=1)
+    epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=0.05, gt=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -123,10 +123,10 @@ class EvalConfig(_Strict):
     steps: int = Field(default=20, ge=1)
     step_size: float | None = Field(default=None, gt=0.0)  # None: eps / 4
     every: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=256, ge=1)
     # Cap on samples per split for intermediate evaluations (None: the whole split).
     # The final epoch is always evaluated on the whole val and test splits.
-    max_samples: int | None = Field(default=2000, ge=1)
+    max_samples: int | None = Field(default=1000, ge=1)
 
 
 class RuntimeConfig(_Strict):

