@@ -66,6 +66,16 @@ def floor_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: 
     return 1000 * statistics.median(times)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,7 +130,7 @@ def main() -> None:
     names = args.methods or [m for m in FLOOR_PASSES if m in methods.METHODS]
 
     print(f"# {' '.join(sys.argv)}")
-    print(f"# machine: {platform.processor() or platform.machine()}, {platform.system()}, "
+    print(f"# machine: {cpu_name()}, {platform.system()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{resolve_device(args.device)}")
     print(f"# synthetic 3x32x32, {args.arch}, batch {args.batch_size}, {args.n_train} "
