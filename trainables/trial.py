@@ -10,8 +10,10 @@ generators seeded by (seed, epoch), so a resumed trial sees the same batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -108,13 +110,85 @@ def build_problem(cfg: TrialConfig, device: torch.device,
         num_classes=splits.num_classes, augment=augment, scenario=scenario, splits=splits)
 
 
-def build_model(cfg: TrialConfig, problem: Problem, device: torch.device) -> nn.Module:
+def build_model(cfg: TrialConfig, problem: Problem, device: torch.device,
+                warm_starts: Mapping[str, Mapping[str, torch.Tensor]] | None = None, *,
+                initialise: bool = True) -> nn.Module:
+    """The trial's model: fresh, from `init.checkpoint`, or from an ERM warm start
+    (``initialise=False`` skips the latter two, for a model about to be restored)."""
     s = problem.splits
     model = models.build(cfg.model.arch, s.num_classes, s.input_shape[0],
                          input_shape=s.input_shape, mean=s.mean, std=s.std)
+    model = model.to(device, memory_format=torch.channels_last)
+    if not initialise:
+        return model
     if cfg.init.checkpoint:
         model.load_state_dict(load_init_weights(cfg.init.checkpoint, model))
-    return model.to(device, memory_format=torch.channels_last)
+    elif cfg.init.erm_epochs > 0:
+        key = warm_start_key(cfg)
+        state = (warm_starts or {}).get(key)
+        if state is None:
+            state = cached_warm_start(cfg, problem, device)
+        model.load_state_dict(state)
+    return model
+
+
+# ------------------------------------------------------------------------ warm starts
+
+
+def warm_start_key(cfg: TrialConfig) -> str:
+    """Identifies an ERM warm start: everything that determines its weights, nothing else.
+
+    Trials of one scenario and seed that differ only in the method or its knobs share it.
+    """
+    d = cfg.model_dump(mode="json")
+    keep = {"dataset": d["dataset"], "scenario": d["scenario"], "model": d["model"],
+            "seed": d["runtime"]["seed"], "erm_epochs": d["init"]["erm_epochs"],
+            "optim": {k: d["optim"][k] for k in ("batch_size", "lr", "momentum",
+                                                  "weight_decay", "nesterov")}}
+    blob = json.dumps(keep, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def train_warm_start(cfg: TrialConfig, problem: Problem,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """ERM for `init.erm_epochs` epochs (cosine schedule), as the CAAT protocol starts from
+    a naturally trained model. The global RNG is left as it was, so a trial that trains its
+    warm start and one that finds it cached go on identically."""
+    erm = cfg.model_copy(deep=True)
+    erm.init.erm_epochs, erm.init.checkpoint = 0, None
+    erm.method.name, erm.optim.epochs, erm.optim.schedule = "erm", cfg.init.erm_epochs, "cosine"
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.runtime.seed + 1_000_003)
+        model = build_model(erm, problem, device)
+        optimizer = make_optimizer(erm, model)
+        method = methods.build("erm", model, erm, method_data(problem, device))
+        n_batches = max(1, len(problem.train_y) // erm.optim.batch_size)
+        for epoch in range(erm.optim.epochs):
+            train_epoch(erm, model, optimizer, method, problem, epoch, n_batches, device, None)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def cached_warm_start(cfg: TrialConfig, problem: Problem,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """The warm start from `init.cache_dir` (trained and stored there when missing)."""
+    if not cfg.init.cache_dir:
+        return train_warm_start(cfg, problem, device)
+    path = Path(cfg.init.cache_dir) / f"erm-{warm_start_key(cfg)}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    state = train_warm_start(cfg, problem, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Unique temp name then rename: concurrent trials may race to write the same entry.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return state
+
+
+def make_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay,
+                           nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0)
 
 
 def load_init_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -210,11 +284,13 @@ class TrialResult:
 
 def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
               splits: data_mod.DatasetSplits | None = None,
+              warm_starts: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
               progress: Callable[[Iterator], Iterator] | None = None) -> TrialResult:
     """Train one trial, reporting metrics and a checkpoint after every epoch.
 
-    ``splits`` lets a sweep hand over a dataset loaded once; ``progress`` wraps the batch
-    iterator (e.g. a tqdm factory) for interactive runs.
+    ``splits`` lets a sweep hand over a dataset loaded once; ``warm_starts`` maps
+    `warm_start_key(cfg)` to ERM warm-start weights trained once per scenario and seed;
+    ``progress`` wraps the batch iterator (e.g. a tqdm factory) for interactive runs.
     """
     cfg = config if isinstance(config, TrialConfig) else validate(config)
     device = resolve_device(cfg.runtime.device)
@@ -223,15 +299,13 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     torch.manual_seed(cfg.runtime.seed)
 
     problem = build_problem(cfg, device, splits)
-    model = build_model(cfg, problem, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay,
-                                nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0)
+    resume_dir = reporter.latest_checkpoint()
+    # A resumed trial gets its weights from the checkpoint: no warm start needed.
+    model = build_model(cfg, problem, device, warm_starts, initialise=resume_dir is None)
+    optimizer = make_optimizer(cfg, model)
     method = methods.build(cfg.method.name, model, cfg, method_data(problem, device))
 
     start_epoch, history = 0, []
-    resume_dir = reporter.latest_checkpoint()
     if resume_dir is not None:
         state = load_state(resume_dir)
         model.load_state_dict(state["model"])

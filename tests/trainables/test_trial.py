@@ -122,3 +122,32 @@ def test_init_checkpoint_must_match_the_model(tmp_path, fmnist_small):
     cfg = load_config(tiny_config(init={"checkpoint": str(tmp_path / "m.pt")}))
     with pytest.raises(ConfigError, match="init.checkpoint: .* for 5 classes"):
         run_trial(cfg, DirectoryReporter(tmp_path / "out"), splits=fmnist_small)
+
+
+def test_erm_warm_start_is_cached_and_identical_to_training_it(tmp_path, fmnist_small):
+    from trainables.trial import warm_start_key
+
+    cache = tmp_path / "cache"
+    cfg = load_config(tiny_config(method={"name": "pgd_at"}, optim={"epochs": 1},
+                                  init={"erm_epochs": 1, "cache_dir": str(cache)}))
+    first = run_trial(cfg, DirectoryReporter(tmp_path / "a"), splits=fmnist_small)
+    [entry] = list(cache.glob("erm-*.pt"))
+    assert warm_start_key(cfg) in entry.name
+    # The cached entry is used (and a method change keeps the same key) ...
+    other = cfg.model_copy(deep=True)
+    other.method.name = "trades"
+    assert warm_start_key(other) == warm_start_key(cfg)
+    second = run_trial(cfg, DirectoryReporter(tmp_path / "b"), splits=fmnist_small)
+    assert list(cache.glob("erm-*.pt")) == [entry]
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), k
+    # ... and a warm start handed over in memory gives the same trial again.
+    state = torch.load(entry, weights_only=True)
+    third = run_trial(cfg.model_copy(update={"init": cfg.init.model_copy(
+        update={"cache_dir": None})}), DirectoryReporter(tmp_path / "c"),
+        splits=fmnist_small, warm_starts={warm_start_key(cfg): state})
+    assert third.metrics["train_loss"] == first.metrics["train_loss"]
+    # The warm start really is a trained model: the trial starts from a lower loss.
+    cold = run_trial(cfg.model_copy(update={"init": cfg.init.model_copy(
+        update={"erm_epochs": 0})}), DirectoryReporter(tmp_path / "d"), splits=fmnist_small)
+    assert first.history[0]["train_loss"] < cold.history[0]["train_loss"] - 0.1
