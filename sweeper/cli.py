@@ -85,6 +85,35 @@ def format_epoch(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+# ---------------------------------------------------------------------------- analyze
+
+
+EXIT_NOTHING_YET = 3
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from sweeper import analysis
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out: {out} exists and is not a directory")
+    try:
+        summary, files = analysis.analyze(args.name, out, args.tracking_uri)
+    except analysis.NothingToAnalyse as err:
+        # Not bad input: the sweep is there but nothing has finished. A distinct status lets
+        # scripts poll until there is something to analyse.
+        print(f"caat-sweep analyze: {err}", file=sys.stderr)
+        return EXIT_NOTHING_YET
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    n_cells = summary.selected["cell"].nunique()
+    print(f"analysed {n_cells} cells ({len(summary.selected)} runs) of sweep {args.name!r}:")
+    for path in files:
+        print(f"  {path}")
+    print(f"open {out / 'summary.html'} in a browser for the tables and plots together")
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -106,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set method.name=erm (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("analyze", help="summary tables and trade-off plots of a sweep",
+                       description="Read a sweep's runs from MLflow and write summary tables "
+                                   "(csv, md, tex, html) and plots into OUT. Per cell: its "
+                                   "confirmation runs aggregated over seeds, else its best "
+                                   "tuning run. Exit status 3: nothing has finished yet.")
+    p.add_argument("name", help="sweep name (MLflow experiment caat-sweep/NAME)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI or SQLite file (default: $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_analyze)
     return parser
 
 
