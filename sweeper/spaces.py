@@ -1,0 +1,496 @@
+"""Search-space files: `search_spaces/*.yaml` -> validated cells and per-method Optuna spaces.
+
+A space file names a base trial config, a list of scenarios (label noise, imbalance, bound
+settings), the methods, and per-method Optuna spaces. A *cell* is one (scenario, method)
+pair; each cell gets its own Optuna study, its own ASHA brackets and its own confirmation
+runs (see `sweeper.search`). The format, with every key and its default::
+
+    name: quick                  # default sweep name ([A-Za-z0-9._-]+); else the file stem
+    description: ...             # free text
+    base:                        # a trial config (trainables/config.py keys); all optional
+      dataset: {name: fashion_mnist, train_size: 2000}
+      optim: {epochs: 4}
+    scenarios:                   # at least one; unset fields keep the base config's value
+      - {noise_type: pair, noise_rate: 0.2}          # name: pair-0.2_ir-1_eps-0.1
+      - {imbalance_ratio: 10}                        # name: clean_ir-10_eps-0.1
+      - {name: wide, eps: 0.2, bound_range: [0.5, 2], set: {eval.eps: 0.1}}
+    methods: [erm, pgd_at, trades]                   # registered method names
+    search:                      # per method ("all": every method), dotted config keys
+      all:
+        optim.lr: {type: float, low: 0.01, high: 0.1, log: true}
+      trades:
+        method.beta: {type: float, low: 1.0, high: 8.0}
+        method.steps: 5                              # a plain value: fixed for this method
+    trials_per_cell: 3           # tuning trials per cell (1 when a cell has nothing to tune)
+    asha: {enabled: true, grace_period: 1, reduction_factor: 3, brackets: 1}
+    selection: {metric: val_robust_acc, mode: max}
+    confirm: {seeds: [1, 2, 3]}  # best config of each cell re-run with these seeds
+    resources: {cpu: 1, gpu: 0}  # per trial; fractional GPUs allowed
+    max_concurrent: null         # cap on concurrent trials (null: as resources allow)
+    max_failures: 2              # retries of a failing trial, each from its last checkpoint
+    optuna: {seed: 0, n_startup_trials: 10}
+
+Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, high, log?,
+step?}``, ``{type: categorical, choices: [...]}``. Search keys must be `method.*` or
+`optim.*` knobs (not `method.name`, not `optim.epochs`): scenarios, data, model and warm
+start are what defines a cell, and the budget is ASHA's. Everything is validated before a
+sweep starts: each cell's config, and each cell's config at every extreme of its space
+(bounds, midpoints, every choice), must be a valid `TrialConfig`, so a bad sweep fails at
+launch with one line (exit 2) instead of hours later in a trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainables.config import (
+    ConfigError,
+    MethodConfig,
+    OptimConfig,
+    TrialConfig,
+    flatten,
+    read_yaml,
+    set_dotted,
+    validate,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# The metrics a sweep may select on: validation split only (test is for reporting).
+SELECTION_METRICS = ("val_robust_acc", "val_natural_acc", "val_worst_class_robust_acc",
+                     "val_worst_class_natural_acc", "val_class_natural_acc_std",
+                     "val_boundary_error")
+ALL_METHODS = "all"
+# Keys a space may search or fix per method: the method's knobs and the optimiser's.
+SEARCHABLE_SECTIONS = {"method": MethodConfig, "optim": OptimConfig}
+NOT_SEARCHABLE = ("method.name", "optim.epochs")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------ schema
+
+
+class Distribution(_Strict):
+    """One Optuna distribution."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None or self.log or self.step:
+                raise ValueError("categorical takes only `choices`")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high (and log, step), not choices")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs `low` and `high`")
+        if not self.low <= self.high:
+            raise ValueError(f"needs low <= high, got low={self.low} high={self.high}")
+        if self.log and self.step:
+            raise ValueError("`log` and `step` cannot be combined (Optuna)")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got {self.low}")
+        if self.type == "int":
+            for name in ("low", "high", "step"):
+                value = getattr(self, name)
+                if value is not None and value != int(value):
+                    raise ValueError(f"int needs whole numbers, got {name}={value}")
+        return self
+
+    def to_optuna(self):
+        from optuna import distributions as od
+
+        if self.type == "categorical":
+            return od.CategoricalDistribution(self.choices)
+        if self.type == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log,
+                                      step=int(self.step or 1))
+        return od.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
+    def probe_values(self) -> list[Any]:
+        """Values the space can produce that are most likely to break a config."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        # The midpoint is rarely a whole number: it catches a float space on an int knob.
+        return [self.low, self.high] if self.step else [self.low, mid, self.high]
+
+
+class ScenarioSpec(_Strict):
+    """One scenario; unset fields keep the base config's value."""
+
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    noise_type: Literal["none", "uniform", "pair", "flip2"] | None = None
+    noise_rate: float | None = None
+    imbalance_ratio: float | None = None
+    eps: float | None = None  # training bound: method.eps
+    bound_range: tuple[float, float] | None = None  # per-sample bound scales: method.bound_range
+    bound_mode: Literal["class", "sample"] | None = None
+    set: dict[str, Any] = Field(default_factory=dict)  # any other dotted trial-config keys
+
+    def overrides(self) -> dict[str, Any]:
+        fields = {"scenario.noise_type": self.noise_type, "scenario.noise_rate": self.noise_rate,
+                  "scenario.imbalance_ratio": self.imbalance_ratio, "method.eps": self.eps,
+                  "method.bound_range": self.bound_range, "method.bound_mode": self.bound_mode}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()
+               if v is not None}
+        out.update(self.set)
+        return out
+
+
+class AshaSpec(_Strict):
+    enabled: bool = True
+    grace_period: int = Field(default=1, ge=1)  # epochs before a trial can be stopped
+    reduction_factor: float = Field(default=3.0, gt=1)
+    brackets: int = Field(default=1, ge=1)
+
+
+class SelectionSpec(_Strict):
+    metric: Literal[SELECTION_METRICS] = "val_robust_acc"  # type: ignore[valid-type]
+    mode: Literal["max", "min"] = "max"
+
+
+class ConfirmSpec(_Strict):
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"needs distinct seeds >= 0, got {seeds}")
+        return seeds
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(default=1.0, gt=0)
+    gpu: float = Field(default=0.0, ge=0)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_share(cls, gpu: float) -> float:
+        # Ray accepts fractions of one GPU, or whole GPUs.
+        if gpu > 1 and gpu != int(gpu):
+            raise ValueError(f"needs a fraction of one GPU or a whole number, got {gpu}")
+        return gpu
+
+
+class OptunaSpec(_Strict):
+    seed: int = Field(default=0, ge=0)
+    n_startup_trials: int = Field(default=10, ge=0)  # random trials before TPE models
+
+
+class SweepSpace(_Strict):
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    description: str | None = None
+    base: dict[str, Any] = Field(default_factory=dict)
+    scenarios: list[ScenarioSpec] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    search: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    trials_per_cell: int = Field(default=3, ge=1)
+    asha: AshaSpec = AshaSpec()
+    selection: SelectionSpec = SelectionSpec()
+    confirm: ConfirmSpec = ConfirmSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=2, ge=0)
+    optuna: OptunaSpec = OptunaSpec()
+
+    @field_validator("methods")
+    @classmethod
+    def _distinct(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"lists a method twice: {methods}")
+        return methods
+
+
+# ------------------------------------------------------------------------------ cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (scenario, method) pair: its fixed trial config and its Optuna space."""
+
+    scenario: str
+    method: str
+    config: dict[str, Any]  # nested trial config without the sampled keys
+    space: dict[str, Distribution]  # dotted key -> distribution
+
+    @property
+    def id(self) -> str:
+        return f"{self.scenario}/{self.method}"
+
+    @property
+    def epochs(self) -> int:
+        return validate(self.config).optim.epochs
+
+    def optuna_space(self) -> dict[str, Any]:
+        return {k: d.to_optuna() for k, d in self.space.items()}
+
+
+@dataclass
+class SweepPlan:
+    """A validated space expanded into cells; everything a sweep needs to run."""
+
+    name: str
+    space: SweepSpace
+    cells: list[Cell]
+    text: str  # the space file as given (kept with the sweep, logged to MLflow)
+    source: str = ""
+
+    def cell(self, cell_id: str) -> Cell:
+        for cell in self.cells:
+            if cell.id == cell_id:
+                return cell
+        raise KeyError(cell_id)
+
+    def n_tune(self, cell: Cell) -> int:
+        """Tuning trials of a cell: one when there is nothing to search."""
+        return self.space.trials_per_cell if cell.space else 1
+
+    def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None) -> dict:
+        """The nested trial config of one trial: the cell's, sampled values, the seed."""
+        cfg = copy.deepcopy(cell.config)
+        for key, value in params.items():
+            set_dotted(cfg, key, value)
+        if seed is not None:
+            set_dotted(cfg, "runtime.seed", seed)
+        return cfg
+
+    @property
+    def tune_seed(self) -> int:
+        return validate(self.cells[0].config).runtime.seed
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_space(path: str | Path, name: str | None = None) -> SweepPlan:
+    """Parse, validate and expand a space file; any problem raises ConfigError (one line)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    return parse_space(raw, text=path.read_text(), source=str(path),
+                       name=name or raw.get("name") or path.stem)
+
+
+def parse_space(raw: Mapping[str, Any], *, text: str | None = None, source: str = "space",
+                name: str | None = None) -> SweepPlan:
+    try:
+        space = SweepSpace.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_error(err, SweepSpace)}") from None
+    name = name or space.name or "sweep"
+    if not re.match(NAME_PATTERN, name):
+        raise ConfigError(f"{source}: name: {name!r} must match {NAME_PATTERN}")
+    if text is None:
+        text = yaml.safe_dump(dict(raw), sort_keys=False)
+    cells = expand(space, source)
+    return SweepPlan(name=name, space=space, cells=cells, text=text, source=source)
+
+
+def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
+    """The cells of a space, in scenario-major order, each validated with its space."""
+    _check_methods(space, source)
+    base = _checked(space.base, f"{source}: base")
+    per_method = {m: _method_entries(space, m, source) for m in space.methods}
+    scenarios = space.scenarios
+    scenario_cfgs = [_scenario_config(base, sc, i, source) for i, sc in enumerate(scenarios)]
+    names = [_scenario_name(sc, cfg) for sc, cfg in zip(scenarios, scenario_cfgs, strict=True)]
+    _check_unique(names, source)
+    cells = []
+    for scenario, cfg in zip(names, scenario_cfgs, strict=True):
+        for method in space.methods:
+            fixed, dists = per_method[method]
+            cell_cfg = copy.deepcopy(cfg)
+            set_dotted(cell_cfg, "method.name", method)
+            for key, value in fixed.items():
+                set_dotted(cell_cfg, key, value)
+            cell = Cell(scenario=scenario, method=method, config=cell_cfg, space=dists)
+            _checked(cell_cfg, f"{source}: cell {cell.id}")
+            _probe(cell, source)
+            cells.append(cell)
+    return cells
+
+
+def _check_methods(space: SweepSpace, source: str) -> None:
+    from trainables import methods
+
+    for i, method in enumerate(space.methods):
+        if method not in methods.METHODS:
+            raise ConfigError(f"{source}: methods[{i}]: unknown {method!r}; allowed: "
+                              f"{', '.join(sorted(methods.METHODS))}")
+    allowed = [ALL_METHODS, *space.methods]
+    for key in space.search:
+        if key not in allowed:
+            raise ConfigError(f"{source}: search.{key}: not a method of this sweep; allowed: "
+                              f"{', '.join(allowed)}")
+
+
+def _method_entries(space: SweepSpace, method: str, source: str
+                    ) -> tuple[dict[str, Any], dict[str, Distribution]]:
+    """(fixed values, distributions) for one method: `all` first, the method's own win."""
+    fixed: dict[str, Any] = {}
+    dists: dict[str, Distribution] = {}
+    for block in (ALL_METHODS, method):
+        for key, value in space.search.get(block, {}).items():
+            where = f"{source}: search.{block}.{key}"
+            _check_search_key(key, where)
+            fixed.pop(key, None)
+            dists.pop(key, None)
+            if isinstance(value, Mapping) and "type" in value:
+                try:
+                    dists[key] = Distribution.model_validate(dict(value))
+                except ValidationError as err:
+                    raise ConfigError(f"{where}: {_format_error(err, Distribution)}") from None
+            elif isinstance(value, Mapping):
+                raise ConfigError(f"{where}: a distribution needs `type` (float, int, "
+                                  "categorical); a fixed value must not be a mapping")
+            else:
+                fixed[key] = value
+    return fixed, dists
+
+
+def _check_search_key(key: str, where: str) -> None:
+    section, _, knob = key.partition(".")
+    model = SEARCHABLE_SECTIONS.get(section)
+    allowed = sorted(f"{s}.{k}" for s, m in SEARCHABLE_SECTIONS.items() for k in m.model_fields
+                     if f"{s}.{k}" not in NOT_SEARCHABLE)
+    if model is None or knob not in model.model_fields or key in NOT_SEARCHABLE:
+        why = ("set per cell (method by `methods`, epochs by base/ASHA)" if key in NOT_SEARCHABLE
+               else "unknown or not searchable (scenario, data, model and init define a cell)")
+        raise ConfigError(f"{where}: {why}; allowed: {', '.join(allowed)}")
+
+
+def _scenario_config(base: dict[str, Any], sc: ScenarioSpec, i: int, source: str) -> dict:
+    cfg = copy.deepcopy(base)
+    for key, value in sc.overrides().items():
+        try:
+            set_dotted(cfg, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: scenarios[{i}].set.{key}: {err}") from None
+    _checked(cfg, f"{source}: scenarios[{i}]")
+    return cfg
+
+
+def _scenario_name(sc: ScenarioSpec, cfg: dict[str, Any]) -> str:
+    """A readable, stable id: `pair-0.4_ir-1_eps-0.1` (plus `br-...` for bound scales)."""
+    if sc.name:
+        return sc.name
+    tc = validate(cfg)
+    s = tc.scenario
+    parts = ["clean" if s.noise_type == "none" else f"{s.noise_type}-{_num(s.noise_rate)}",
+             f"ir-{_num(s.imbalance_ratio)}", f"eps-{_num(tc.train_eps)}"]
+    if sc.bound_range is not None:
+        parts.append(f"br-{_num(sc.bound_range[0])}-{_num(sc.bound_range[1])}")
+    if sc.bound_mode is not None:
+        parts.append(f"bm-{sc.bound_mode}")
+    return "_".join(parts)
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _check_unique(names: list[str], source: str) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ConfigError(f"{source}: scenarios[{i}]: same name {name!r} as scenarios"
+                              f"[{seen[name]}]; give one of them a distinct `name`")
+        seen[name] = i
+
+
+def _probe(cell: Cell, source: str) -> None:
+    """Each value a space can reach at its edges must give a valid config."""
+    probes: list[dict[str, Any]] = []
+    for key, dist in cell.space.items():
+        probes.extend({key: v} for v in dist.probe_values())
+    if len(cell.space) > 1:  # all knobs at once at their low, then their high, ends
+        for pick in (0, -1):
+            probes.append({k: d.probe_values()[pick] for k, d in cell.space.items()})
+    for params in probes:
+        cfg = copy.deepcopy(cell.config)
+        for key, value in params.items():
+            set_dotted(cfg, key, value)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        _checked(cfg, f"{source}: cell {cell.id} with {shown}")
+
+
+def _checked(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return dict(cfg)
+
+
+def resolved_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened resolved trial config: what MLflow logs as a trial's params."""
+    return flatten(TrialConfig.model_validate(cfg).resolved())
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def _format_error(err: ValidationError, root: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc_parts = list(first["loc"])
+    loc = _loc_text(loc_parts) or "space"
+    msg = first["msg"].removeprefix("Value error, ")
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(root, loc_parts[:-1])
+        msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+    elif kind == "literal_error":
+        msg = msg.replace("Input should be", "allowed:")
+    elif kind == "missing":
+        msg = "required"
+    return f"{loc}: {msg}"
+
+
+def _loc_text(parts: list[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "literal[")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(root: type[BaseModel], loc: list[Any]) -> list[str]:
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fld = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if fld is None:
+            return []
+        ann = fld.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        model = ann if isinstance(ann, type) else (args[0] if args else None)
+        if model is None:
+            return []
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []

@@ -1,0 +1,408 @@
+"""MLflow tracking of sweeps: one parent run per sweep, one idempotent child run per trial.
+
+The schema below is a contract (`sweeper.analysis` and users' scripts read it):
+
+- Experiment `caat-sweep/<sweep name>`. Only the driver writes (a Ray Tune `Callback`
+  running in the driver process), never trial workers: SQLite has one writer, and the
+  driver sees every trial's results, errors and restarts.
+- One parent run: run name = sweep name; tags `sweep`=<name>, `role`=`parent`,
+  `metric`=<selection metric>, `mode`=`max`|`min`; artifact `space.yaml` (the space file
+  as launched).
+- One child run per Ray trial (tuning and confirmation), nested under the parent
+  (`mlflow.parentRunId`); run name = trial id; tags `sweep`, `role`=`trial`, `trial_id`,
+  `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`), `scenario`,
+  `method`, `seed`, `phase` (`tune` | `confirm`), `outcome` (`completed` | `pruned` |
+  `failed`, set when the trial ends) and, for failed trials, `error` (one line); `retries`
+  when Ray Tune restarted the trial from its checkpoint after a failure.
+- Params: the flattened resolved trial config (dotted keys such as `scenario.noise_rate`,
+  `method.eps`, from `TrialConfig.resolved()` + `trainables.config.flatten`), logged once.
+- Metrics: the per-epoch scalars `run_trial` reports (`train_loss`, `train_samples_per_s`,
+  `frac_anti` when present, `val_*` / `test_*` as named in DESIGN.md) with step = epoch;
+  none of Ray's bookkeeping keys. An epoch is logged once even when a trial re-runs it
+  after a restore.
+- Artifact `classwise.json`: the last reported class-wise lists
+  {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
+  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}.
+- Status FINISHED for completed and pruned trials, FAILED for failed ones. When a sweep
+  (or a resume) ends, no run is left RUNNING: unfinished trials (an interrupted driver) are
+  marked KILLED until a resume reopens them. A resumed driver finds each trial's run again
+  by its `trial_id` tag; runs of trials started after the experiment's last saved state
+  (Ray re-runs those under new ids) are deleted, so runs = trials.
+
+Why not Ray's `MLflowLoggerCallback`: it has no parent run, no lookup by trial id after a
+driver crash (a resumed sweep would duplicate runs), logs Ray's bookkeeping as metrics and
+knows nothing of outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune import Callback
+
+from trainables.config import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from ray.tune.experiment import Trial
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_PREFIX = "caat-sweep/"
+PARENT_TAG = "mlflow.parentRunId"
+OUTCOMES = ("completed", "pruned", "failed")
+CLASSWISE_KEYS = ("val_class_natural_acc", "val_class_robust_acc", "test_class_natural_acc",
+                  "test_class_robust_acc")
+# Keys Ray Tune adds to every result; they are not trial metrics.
+RAY_KEYS = frozenset({
+    "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore",
+    "timesteps_total", "episodes_total", "timesteps_since_restore", "iterations_since_restore",
+    "timestamp", "date", "pid", "hostname", "node_ip", "config", "done", "trial_id",
+    "experiment_id", "experiment_tag", "should_checkpoint", "checkpoint_dir_name", "epoch",
+})
+# MLflow's limits per log_batch request.
+MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
+
+
+def experiment_name(sweep: str) -> str:
+    return EXPERIMENT_PREFIX + sweep
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """`sqlite:///relative.db` -> absolute, so resume and status work from any directory."""
+    uri = uri or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
+def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
+    """The trial metrics in a Ray result: run_trial's scalars, without Ray's keys."""
+    out = {}
+    for key, value in result.items():
+        if key in RAY_KEYS or key.startswith("config/") or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+# ------------------------------------------------------------------------------ tracker
+
+
+class Tracker:
+    """Reads and writes one sweep's MLflow experiment (driver side only)."""
+
+    def __init__(self, tracking_uri: str, sweep: str):
+        self.tracking_uri = tracking_uri
+        self.sweep = sweep
+        self._client: MlflowClient | None = None
+        self._experiment_id: str | None = None
+
+    # -- connection
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def check_reachable(self) -> None:
+        """Fail with one line (exit 2) when the tracking server cannot be used."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        import urllib.request
+
+        url = self.tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                resp.read()
+        except Exception as err:
+            raise ConfigError(f"--tracking-uri: cannot reach {self.tracking_uri} "
+                              f"({one_line(err, 200)})") from None
+
+    def experiment_id(self, create: bool = False) -> str | None:
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(experiment_name(self.sweep))
+            if exp is not None:
+                self._experiment_id = exp.experiment_id
+            elif create:
+                self._experiment_id = self.client.create_experiment(
+                    experiment_name(self.sweep), tags={"sweep": self.sweep})
+        return self._experiment_id
+
+    def has_runs(self) -> bool:
+        exp = self.experiment_id()
+        return bool(exp and self.client.search_runs([exp], max_results=1))
+
+    # -- parent run
+
+    def start_parent(self, metric: str, mode: str, space_text: str) -> str:
+        exp = self.experiment_id(create=True)
+        found = self.client.search_runs([exp], "tags.role = 'parent'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(exp, run_name=self.sweep, tags={
+            "sweep": self.sweep, "role": "parent", "metric": metric, "mode": mode})
+        self.client.log_text(run.info.run_id, space_text, "space.yaml")
+        return run.info.run_id
+
+    def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    # -- trial runs
+
+    def find_trial_run(self, trial_id: str):
+        exp = self.experiment_id(create=True)
+        runs = self.client.search_runs([exp], f"tags.trial_id = '{trial_id}'", max_results=2)
+        return runs[0] if runs else None
+
+    def create_trial_run(self, parent_run_id: str, trial_id: str, tags: Mapping[str, Any],
+                         params: Mapping[str, Any]) -> str:
+        exp = self.experiment_id(create=True)
+        all_tags = {PARENT_TAG: parent_run_id, "sweep": self.sweep, "role": "trial",
+                    "trial_id": trial_id, **{k: str(v) for k, v in tags.items()}}
+        run = self.client.create_run(exp, run_name=trial_id, tags=all_tags)
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int,
+                    timestamp_ms: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = timestamp_ms or int(time.time() * 1000)
+        items = [Metric(k, v, ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
+
+    def last_step(self, run_id: str) -> int:
+        history = self.client.get_metric_history(run_id, "train_loss")
+        return max((m.step for m in history), default=0)
+
+    def finish_trial(self, run_id: str, outcome: str, error: str | None = None,
+                     classwise: Mapping[str, Any] | None = None) -> None:
+        if classwise:
+            self.client.log_dict(run_id, dict(classwise), "classwise.json")
+        self.client.set_tag(run_id, "outcome", outcome)
+        if error:
+            self.client.set_tag(run_id, "error", one_line(error))
+        self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
+
+    def trial_runs(self, include_deleted: bool = False) -> list:
+        from mlflow.entities import ViewType
+
+        exp = self.experiment_id()
+        if exp is None:
+            return []
+        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([exp], "tags.role = 'trial'", run_view_type=view,
+                                           max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def reconcile(self, known: Mapping[str, str]) -> None:
+        """End of a driver session: delete runs of trials Ray does not know (started after
+        its last saved state, re-run under new ids), and close runs still RUNNING.
+
+        ``known`` maps trial id -> Ray status of every trial of the experiment."""
+        for run in self.trial_runs():
+            trial_id = run.data.tags.get("trial_id")
+            if trial_id not in known:
+                self.client.delete_run(run.info.run_id)
+            elif run.info.status == "RUNNING":
+                # Unfinished (interrupted driver): a resume sets it RUNNING again.
+                self.client.set_terminated(run.info.run_id, "KILLED")
+
+
+# ----------------------------------------------------------------------- the callback
+
+
+def trial_outcome(meta: Mapping[str, Any], last_result: Mapping[str, Any] | None,
+                  error: bool) -> str:
+    """`failed`, `completed` (reached its last epoch) or `pruned` (stopped before by ASHA)."""
+    if error:
+        return "failed"
+    epoch = (last_result or {}).get("epoch", 0)
+    return "completed" if epoch >= meta["epochs"] else "pruned"
+
+
+class TrackingCallback(Callback):
+    """Mirrors Ray Tune's trials into MLflow, in the driver. Picklable: Ray Tune stores its
+    callbacks with the experiment, and a restored sweep gets this object back."""
+
+    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, meta_key: str):
+        self.tracking_uri = tracking_uri
+        self.sweep = sweep
+        self.parent_run_id = parent_run_id
+        self.meta_key = meta_key
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._last_step: dict[str, int] = {}
+        self._classwise: dict[str, dict] = {}
+
+    def __getstate__(self) -> dict:
+        return {k: getattr(self, k) for k in ("tracking_uri", "sweep", "parent_run_id",
+                                               "meta_key")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.sweep)
+        return self._tracker
+
+    # -- Ray Tune hooks
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
+        run_id = self._run(trial)
+        self.tracker.client.update_run(run_id, status="RUNNING")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict,
+                        **info) -> None:
+        run_id = self._run(trial)
+        step = int(result.get("epoch", 0))
+        if step <= self._last_step.get(trial.trial_id, 0):
+            return  # an epoch re-run after a restore: logged already
+        ts = int(result["timestamp"] * 1000) if "timestamp" in result else None
+        self.tracker.log_metrics(run_id, metrics_of(result), step, ts)
+        self._last_step[trial.trial_id] = step
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Trial, checkpoint,
+                      **info) -> None:
+        data = _read_classwise(checkpoint)
+        if data:
+            self._classwise[trial.trial_id] = data
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info) -> None:
+        self.tracker.client.set_tag(self._run(trial), "retries", str(trial.num_failures))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
+        outcome = trial_outcome(trial.config[self.meta_key], trial.last_result, error=False)
+        self.tracker.finish_trial(self._run(trial), outcome, classwise=self._last_classwise(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
+        self.tracker.finish_trial(self._run(trial), "failed", error=error_reason(trial),
+                                  classwise=self._last_classwise(trial))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.tracker.reconcile({t.trial_id: t.status for t in trials})
+
+    # -- helpers
+
+    def _run(self, trial: Trial) -> str:
+        """The trial's run: cached, found by trial id (a restored driver), or created."""
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        meta = trial.config[self.meta_key]
+        found = self.tracker.find_trial_run(tid)
+        if found is None:
+            run_id = self.tracker.create_trial_run(self.parent_run_id, tid, _tags(meta),
+                                                   trial_params(trial.config, self.meta_key))
+            self._last_step[tid] = 0
+        else:
+            run_id = found.info.run_id
+            if not found.data.params:  # created, then the driver died before the params
+                self.tracker.log_params(run_id, trial_params(trial.config, self.meta_key))
+            self._last_step[tid] = self.tracker.last_step(run_id)
+        self._runs[tid] = run_id
+        return run_id
+
+    def _last_classwise(self, trial: Trial) -> dict | None:
+        return self._classwise.get(trial.trial_id) or _read_classwise(trial.checkpoint)
+
+
+def _tags(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: meta[k] for k in ("cell", "scenario", "method", "seed", "phase")}
+
+
+def trial_params(config: Mapping[str, Any], meta_key: str) -> dict[str, Any]:
+    from sweeper.spaces import resolved_params
+
+    return resolved_params({k: v for k, v in config.items() if k != meta_key})
+
+
+def _read_classwise(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/classwise.json") as f:
+            data = json.loads(f.readall())
+    except (OSError, ValueError):
+        return None
+    return {k: data[k] for k in CLASSWISE_KEYS if k in data} or None
+
+
+def error_reason(trial: Trial) -> str:
+    """One line saying why a trial failed: the exception at the bottom of its traceback."""
+    path = trial.error_file
+    text = ""
+    if path and Path(path).is_file():
+        text = Path(path).read_text(errors="replace")
+    else:
+        err = trial.get_pickled_error()
+        text = str(err) if err is not None else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # The original exception is the last "Name: message" line of the chained traceback.
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head and (head.endswith(("Error", "Exception", "Failure")) or "." in head) \
+                and " " not in head:
+            return one_line(line)
+    return one_line(lines[-1]) if lines else "unknown error (no error file)"
+
+
+# ------------------------------------------------------------------------------ status
+
+
+def summarize(runs: Iterable, metric: str, mode: str) -> list[dict[str, Any]]:
+    """Per (cell, phase): trials by outcome and the best value of the selection metric."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs:
+        tags = run.data.tags
+        key = (tags.get("cell", "?"), tags.get("phase", "?"))
+        row = rows.setdefault(key, {"cell": key[0], "phase": key[1], "completed": 0,
+                                    "running": 0, "pruned": 0, "failed": 0, "best": None,
+                                    "values": []})
+        outcome = tags.get("outcome")
+        if run.info.status == "RUNNING" or outcome is None:
+            row["running"] += 1
+            continue
+        row[outcome] = row.get(outcome, 0) + 1
+        value = run.data.metrics.get(metric)
+        if outcome == "completed" and value is not None and not math.isnan(value):
+            row["values"].append(value)
+    for row in rows.values():
+        if row["values"]:
+            row["best"] = max(row["values"]) if mode == "max" else min(row["values"])
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] != "tune"))]
