@@ -128,6 +128,16 @@ def _check_store_exists(uri: str) -> None:
         if not path.is_file():
             raise SweepNotFound(f"--tracking-uri: no MLflow store at {path} (run `caat-sweep "
                                 "launch` first, or point --tracking-uri at the sweep's store)")
+    elif uri.startswith(("http://", "https://")):
+        # MLflow's client retries an unreachable server for minutes; ask once, briefly.
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as resp:
+                resp.read()
+        except Exception as err:
+            reason = " ".join(str(err).split())[:200]
+            raise SweepNotFound(f"--tracking-uri: cannot reach {uri} ({reason})") from None
 
 
 def load_sweep(name: str, tracking_uri: str | None = None) -> SweepRuns:
@@ -217,11 +227,13 @@ def normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     for column in ("scenario", "method", "cell", "outcome", "error", "phase", "status"):
         if column not in runs:
             runs[column] = None
-    split = runs["cell"].fillna("").str.partition("/")
-    runs["scenario"] = runs["scenario"].where(runs["scenario"].notna(), split[0].replace("", None))
-    runs["method"] = runs["method"].where(runs["method"].notna(), split[2].replace("", None))
-    runs["cell"] = runs["cell"].where(runs["cell"].notna(),
-                                      runs["scenario"].astype(str) + "/" + runs["method"])
+    if len(runs):
+        split = runs["cell"].fillna("").astype(str).str.partition("/")
+        runs["scenario"] = runs["scenario"].where(runs["scenario"].notna(),
+                                                  split[0].replace("", None))
+        runs["method"] = runs["method"].where(runs["method"].notna(), split[2].replace("", None))
+        runs["cell"] = runs["cell"].where(runs["cell"].notna(),
+                                          runs["scenario"].astype(str) + "/" + runs["method"])
     runs["phase"] = runs["phase"].fillna("tune")
     for column in ("seed", "noise_rate", "imbalance_ratio", "eval_steps", "eval_eps"):
         if column in runs:
@@ -506,7 +518,8 @@ def nothing_message(cov: pd.DataFrame, runs: pd.DataFrame) -> str:
     if not len(runs):
         return "nothing to analyse yet: the sweep has no trials yet"
     total = cov.sum()
-    msg = (f"nothing to analyse yet: {total['running']} trials running, {total['completed']} "
+    trials = "trial" if total["running"] == 1 else "trials"
+    msg = (f"nothing to analyse yet: {total['running']} {trials} running, {total['completed']} "
            f"completed, {total['pruned']} pruned, {total['failed']} failed")
     if total["interrupted"]:
         msg += f", {total['interrupted']} interrupted (`caat-sweep resume` continues them)"
