@@ -85,6 +85,47 @@ def format_epoch(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+# ----------------------------------------------------------------------------- sweeps
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from sweeper import search
+
+    return search.launch(args.space, name=args.name, storage=args.storage,
+                         tracking_uri=args.tracking_uri, address=args.address,
+                         options=search.SweepOptions(verbose=0 if args.quiet else 1))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sweeper import search
+
+    return search.resume(args.name, storage=args.storage, address=args.address,
+                         options=search.SweepOptions(verbose=0 if args.quiet else 1))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeper import storage
+    from sweeper.status import format_status, sweep_status
+
+    manifest = storage.load_manifest(storage.resolve_storage(args.storage), args.name)
+    print(format_status(sweep_status(manifest)))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from sweeper.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    # 127.0.0.1 only: the UI has no authentication (tunnel with ssh -L to reach it).
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)",
+          file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 # ---------------------------------------------------------------------------- analyze
 
 
@@ -136,6 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted override, e.g. --set method.name=erm (repeatable)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("launch", help="start a sweep (Ray Tune + Optuna + ASHA, MLflow)",
+                       description="Validate SPACE (exit 2 on any problem, before anything "
+                                   "is written), then run the sweep: per-cell Optuna "
+                                   "studies with ASHA, then confirmation seeds. Shows Ray's "
+                                   "live progress table; every trial is an MLflow run.")
+    p.add_argument("space", help="search-space YAML, e.g. search_spaces/quick.yaml")
+    p.add_argument("--name", help="sweep name (default: the space's `name`, else file stem)")
+    _storage_arg(p)
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default sqlite:///mlflow.db; http://host:port "
+                        "for a tracking server)")
+    _address_arg(p)
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("resume", help="continue an interrupted sweep",
+                       description="Continue sweep NAME from its storage: unfinished trials "
+                                   "resume from their checkpoints, the Optuna studies and "
+                                   "MLflow runs are kept, then the confirmation phase runs.")
+    p.add_argument("name", help="sweep name")
+    _storage_arg(p)
+    _address_arg(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("status", help="trials per cell and the best so far",
+                       description="Per cell and phase: trials completed, running, pruned "
+                                   "and failed, and the best selection metric so far.")
+    p.add_argument("name", help="sweep name")
+    _storage_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1",
+                       description="Start the MLflow UI bound to 127.0.0.1 (no "
+                                   "authentication: reach it through ssh -L from elsewhere).")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.set_defaults(func=cmd_ui)
+
     p = sub.add_parser("analyze", help="summary tables and trade-off plots of a sweep",
                        description="Read a sweep's runs from MLflow and write summary tables "
                                    "(csv, md, tex, html) and plots into OUT. Per cell: its "
@@ -148,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "else sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_analyze)
     return parser
+
+
+def _storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None,
+                   help="directory or cloud URI (s3://, gs://) holding sweeps (default ./runs)")
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on (e.g. ray://head:10001 or auto; default: a "
+                        "local Ray on this machine's cores)")
+    p.add_argument("--quiet", action="store_true", help="no live progress table")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -483,6 +483,8 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
     """The Ray Tune trainable: one trial of the sweep through `run_trial`."""
     from trainables.trial import RayReporter, run_trial, warm_start_key
 
+    # One line per checkpoint per epoch from every trial buries the progress table.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     meta = config[META]
     cfg = validate({k: v for k, v in config.items() if k != META})
     ws = None
@@ -593,6 +595,9 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
         {"cpu": res.cpu, "gpu": res.gpu})
     # Ray's legacy output engine is the one that shows a CLIReporter's live table.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # Short epochs make Ray snapshot the experiment often (wanted: less to redo after a
+    # crash); its warning about that would repeat all through the table.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if restore and tune.Tuner.can_restore(manifest.sweep_dir):
         tuner = tune.Tuner.restore(manifest.sweep_dir, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
@@ -617,12 +622,15 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
         metric_columns={"epoch": "epoch", sel.metric: sel.metric, "train_loss": "loss"},
         parameter_columns={f"{META}/cell": "cell", f"{META}/method": "method",
                            f"{META}/phase": "phase", f"{META}/seed": "seed"},
-        max_report_frequency=int(options.progress_every_s), sort_by_metric=False)
+        max_report_frequency=int(options.progress_every_s), sort_by_metric=False,
+        max_column_length=48)
     callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, META)
     return tune.Tuner(
         trainable, param_space={},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
                                     max_concurrent_trials=plan.space.max_concurrent,
+                                    # A worker process per trial costs seconds of imports.
+                                    reuse_actors=True,
                                     trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(

@@ -46,6 +46,8 @@ def join(storage: str, *parts: str) -> str:
 
 
 def filesystem(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
+    if not is_uri(uri_or_path):
+        uri_or_path = str(Path(uri_or_path).expanduser().resolve())
     try:
         return pafs.FileSystem.from_uri(uri_or_path)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError with long messages

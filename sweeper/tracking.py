@@ -37,9 +37,8 @@ knows nothing of outcomes.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -380,29 +379,3 @@ def error_reason(trial: Trial) -> str:
                 and " " not in head:
             return one_line(line)
     return one_line(lines[-1]) if lines else "unknown error (no error file)"
-
-
-# ------------------------------------------------------------------------------ status
-
-
-def summarize(runs: Iterable, metric: str, mode: str) -> list[dict[str, Any]]:
-    """Per (cell, phase): trials by outcome and the best value of the selection metric."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for run in runs:
-        tags = run.data.tags
-        key = (tags.get("cell", "?"), tags.get("phase", "?"))
-        row = rows.setdefault(key, {"cell": key[0], "phase": key[1], "completed": 0,
-                                    "running": 0, "pruned": 0, "failed": 0, "best": None,
-                                    "values": []})
-        outcome = tags.get("outcome")
-        if run.info.status == "RUNNING" or outcome is None:
-            row["running"] += 1
-            continue
-        row[outcome] = row.get(outcome, 0) + 1
-        value = run.data.metrics.get(metric)
-        if outcome == "completed" and value is not None and not math.isnan(value):
-            row["values"].append(value)
-    for row in rows.values():
-        if row["values"]:
-            row["best"] = max(row["values"]) if mode == "max" else min(row["values"])
-    return [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] != "tune"))]
