@@ -87,11 +87,12 @@ class MethodConfig(_Strict):
     bound_range: tuple[float, float] = (0.5, 1.5)
     # FRL-style multipliers (CAAT and FRL)
     frl_mode: Literal["reweight", "remargin", "both"] = "both"
-    tolerance: float = Field(default=0.05, ge=0.0)
+    tolerance: float = Field(default=0.05, ge=0.0)  # error gap tolerated before a push
     reweight_rate: float = Field(default=0.05, ge=0.0)
-    remargin_rate: float = Field(default=0.05, ge=0.0)
-    weight_limit: float = Field(default=10.0, ge=1.0)
-    margin_limit: float = Field(default=2.0, ge=1.0)
+    remargin_rate: float = Field(default=0.2, ge=0.0)
+    # Cap on the total of the reweight multipliers; <= 1 keeps every class weight >= 0.
+    weight_limit: float = Field(default=0.5, gt=0.0, le=1.0)
+    margin_limit: float = Field(default=2.5, ge=1.0)  # largest class bound scale
 
     @model_validator(mode="after")
     def _range_ordered(self) -> MethodConfig:

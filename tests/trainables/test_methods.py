@@ -5,7 +5,8 @@ from trainables import methods, models
 from trainables.config import load_config
 from trainables.methods import Batch, MethodData
 
-BASELINES = ["erm", "pgd_at", "trades"]
+ALL = sorted(methods.METHODS)
+CAAT_VARIANTS = [{}, {"directions": "both"}, {"bound_mode": "sample"}]
 
 
 def make(name: str, num_classes: int = 10, **method):
@@ -15,15 +16,22 @@ def make(name: str, num_classes: int = 10, **method):
     model = models.build("small_cnn", num_classes, 1, input_shape=(1, 16, 16))
     x = torch.rand(32, 1, 16, 16)
     y = torch.arange(32) % num_classes
+    meta_y = torch.arange(2 * num_classes) % num_classes
     data = MethodData(num_classes=num_classes, train_labels=y,
                       class_counts=torch.bincount(y, minlength=num_classes),
-                      meta_x=x[:num_classes], meta_y=y[:num_classes], device=x.device)
+                      meta_x=torch.rand(len(meta_y), 1, 16, 16), meta_y=meta_y,
+                      device=x.device)
     return model, methods.build(name, model, cfg, data), Batch(x=x, y=y, idx=torch.arange(32))
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_loss_decreases_on_a_small_batch(name):
-    model, method, batch = make(name)
+VARIANTS = [(n, {}) for n in ALL if n != "caat"] + [("caat", v) for v in CAAT_VARIANTS]
+
+
+@pytest.mark.parametrize("name, knobs", VARIANTS)
+def test_loss_decreases_on_a_small_batch(name, knobs):
+    # meta_interval 2: meta steps happen in between, and must not derail the descent.
+    model, method, batch = make(name, meta_interval=2, **knobs)
+    method.epoch_start(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.5)
     losses = []
     for _ in range(20):
@@ -36,10 +44,12 @@ def test_loss_decreases_on_a_small_batch(name):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_runs_on_100_classes(name):
-    model, method, batch = make(name, num_classes=100)
+@pytest.mark.parametrize("name, knobs", VARIANTS)
+def test_runs_on_100_classes(name, knobs):
+    model, method, batch = make(name, num_classes=100, meta_interval=1, **knobs)
+    method.epoch_start(0)
     out = method.step(batch, lr=0.1)
+    assert method.epoch_end(0) is not None
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -55,5 +65,5 @@ def test_trades_with_beta_zero_is_clean_cross_entropy():
 
 def test_unknown_method_lists_valid_names():
     model, _, _ = make("erm")
-    with pytest.raises(ValueError, match="allowed: .*erm.*pgd_at.*trades"):
+    with pytest.raises(ValueError, match="allowed: anti_adv, caat, erm, frl, mwn, pgd_at, trades"):
         methods.build("nope", model, load_config(), None)

@@ -54,9 +54,23 @@ def test_every_epoch_reports_design_metric_names(tmp_path, fmnist_small):
     assert load_state(reporter.checkpoint_dir)["epoch"] == 2
 
 
-@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def flat_tensors(tree, prefix=""):
+    """Every tensor and number in a nested state dict, by path."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flat_tensors(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list | tuple):
+        return flat_tensors(dict(enumerate(tree)), prefix)
+    return {prefix.rstrip("."): tree}
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades", "caat"])
 def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
-    cfg = tiny_config(method={"name": method}, optim={"epochs": 3})
+    # CAAT: meta steps every 3 batches, so the meta-net, its Adam state, the multipliers
+    # and the class-loss feature all carry state across the interruption.
+    cfg = tiny_config(method={"name": method, "meta_interval": 3}, optim={"epochs": 3})
     straight = run_trial(cfg, DirectoryReporter(tmp_path / "a"), splits=fmnist_small)
     with pytest.raises(Interrupt):
         run_trial(cfg, StopAfter(tmp_path / "b", 1), splits=fmnist_small)
@@ -66,6 +80,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
     assert resumed.history[0]["train_loss"] == straight.history[0]["train_loss"]
     for key in ("train_loss", "test_robust_acc", "val_natural_acc"):
         assert resumed.metrics[key] == straight.metrics[key]
+    a = flat_tensors(load_state(tmp_path / "a" / "checkpoint")["method"])
+    b = flat_tensors(load_state(tmp_path / "b" / "checkpoint")["method"])
+    assert a.keys() == b.keys()
+    for k in a:
+        same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+        assert same, k
+    if method == "caat":
+        assert {"meta_net.net.1.weight", "meta_optimizer.state.0.exp_avg", "multipliers.lam",
+                "class_mean_loss"} <= set(a)
 
 
 def test_same_seed_same_result_other_seed_differs(tmp_path, fmnist_small):

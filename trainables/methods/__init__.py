@@ -24,6 +24,6 @@ def build(name: str, model: nn.Module, cfg, data: MethodData) -> Method:
 
 
 # Importing the modules registers them.
-from trainables.methods import erm, pgd_at, trades  # noqa: E402,F401
+from trainables.methods import anti_adv, caat, erm, frl, mwn, pgd_at, trades  # noqa: E402,F401
 
 __all__ = ["METHODS", "Batch", "Method", "MethodData", "StepResult", "build", "register"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from trainables.attacks import kl_per_sample, pgd_trades
+from trainables.attacks import eval_mode, kl_per_sample, pgd_trades
 from trainables.methods import register
 from trainables.methods.base import Batch, Method, StepResult
 
@@ -20,19 +21,20 @@ def trades_loss(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
         logits_adv, logits_clean, detach_clean=False).mean()
 
 
+def attack_target(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The KL attack's target distribution (logits), in eval mode like the attack itself,
+    so target and attacked logits agree at the start point."""
+    with eval_mode(model), torch.no_grad():
+        return model(x)
+
+
 @register
 class TRADES(Method):
     name = "trades"
 
     def step(self, batch: Batch, lr: float) -> StepResult:
-        with torch.no_grad():
-            # The attack's target distribution; the model is in eval mode for it, as in
-            # the attack itself, so the target and the attacked logits agree.
-            self.model.eval()
-            target = self.model(batch.x)
-            self.model.train()
-        x_adv = pgd_trades(self.model, batch.x, target, eps=self.eps,
-                           step_size=self.step_size, steps=self.cfg.method.steps)
+        x_adv = pgd_trades(self.model, batch.x, attack_target(self.model, batch.x),
+                           eps=self.eps, step_size=self.step_size, steps=self.cfg.method.steps)
         # Two train-mode forwards, as in TRADES: clean and adversarial batches each get
         # their own BatchNorm statistics.
         logits_clean, logits_adv = self.model(batch.x), self.model(x_adv)

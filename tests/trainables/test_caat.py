@@ -1,0 +1,192 @@
+"""CAAT's pieces: the meta step, chosen vs both directions, multipliers, sample bounds."""
+
+import pytest
+import torch
+from torch import nn
+
+from trainables import methods, models
+from trainables.config import load_config
+from trainables.meta import caat_features
+from trainables.methods import Batch, MethodData
+from trainables.methods.caat import caat_loss, rescale_perturbation
+from trainables.methods.multipliers import (
+    ClassMultipliers,
+    MultiplierConfig,
+    class_error_gaps,
+    class_weights,
+    project_multipliers,
+)
+
+
+def setup(arch="small_cnn", num_classes=4, seed=0, **method):
+    torch.manual_seed(seed)
+    knobs = {"name": "caat", "steps": 3, "eps": 0.1, "meta_interval": 10_000, **method}
+    cfg = load_config({"dataset": {"name": "synthetic"}, "method": knobs})
+    model = models.build(arch, num_classes, 1, input_shape=(1, 8, 8))
+    x = torch.rand(24, 1, 8, 8)
+    y = torch.arange(24) % num_classes
+    meta_y = torch.arange(8 * num_classes) % num_classes
+    data = MethodData(num_classes=num_classes, train_labels=y,
+                      class_counts=torch.bincount(y, minlength=num_classes),
+                      meta_x=torch.rand(len(meta_y), 1, 8, 8), meta_y=meta_y,
+                      device=x.device)
+    method = methods.build("caat", model, cfg, data)
+    model.train()
+    return model, method, Batch(x=x, y=y, idx=torch.arange(24))
+
+
+def snapshot(module: nn.Module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("knobs", [{}, {"directions": "both"}, {"bound_mode": "sample"}])
+def test_meta_step_lowers_its_meta_loss_and_changes_only_the_meta_net(knobs):
+    # A soft temperature so the weights have gradients; a meta lr large enough to see.
+    model, method, batch = setup(temperature=1.0, meta_lr=0.05, **knobs)
+    terms = method.terms(batch)
+    model_before, meta_before = snapshot(model), snapshot(method.meta_net)
+    losses = []
+    for _ in range(4):
+        torch.manual_seed(7)  # the same meta batch and attack starts every time
+        losses.append(method.caat_meta_step(terms, lr=0.5))
+    assert losses[-1] < losses[0], losses
+    for k, v in snapshot(model).items():
+        assert torch.equal(v, model_before[k]), f"model {k} changed"
+    assert all(p.grad is None for p in model.parameters())
+    changed = [k for k, v in snapshot(method.meta_net).items()
+               if not torch.equal(v, meta_before[k])]
+    assert any(k.endswith("weight") for k in changed)
+
+
+class FixedChoice(nn.Module):
+    """A stand-in meta-net: even positions adversarial, odd ones anti-adversarial."""
+
+    def forward(self, feats):
+        out = torch.zeros(len(feats), 2)
+        out[0::2, 0] = 1.0
+        out[1::2, 1] = 1.0
+        return out
+
+
+def test_chosen_and_both_give_the_same_loss_where_the_choice_is_hard():
+    # A BatchNorm-free model: with train-mode BatchNorm the two modes also differ through
+    # the batch statistics of the perturbed forward, which is not what is tested here.
+    losses, fracs = {}, {}
+    for directions in ("chosen", "both"):
+        model, method, batch = setup(arch="mlp", directions=directions, temperature=1e-3)
+        method.meta_net = FixedChoice()
+        torch.manual_seed(3)
+        out = method.step(batch, lr=0.1)
+        losses[directions], fracs[directions] = out.loss.item(), out.sums["frac_anti"]
+    assert fracs["chosen"] == fracs["both"] == 12
+    assert losses["chosen"] == pytest.approx(losses["both"], rel=1e-6, abs=1e-7)
+
+
+def test_soft_choices_make_the_modes_differ():
+    # The same check with a soft temperature: `chosen` is an approximation only there.
+    losses = {}
+    for directions in ("chosen", "both"):
+        model, method, batch = setup(arch="mlp", directions=directions, temperature=3.0)
+        method.meta_net = FixedChoice()
+        torch.manual_seed(3)
+        losses[directions] = method.step(batch, lr=0.1).loss.item()
+    assert losses["chosen"] != pytest.approx(losses["both"], rel=1e-4)
+
+
+def test_multipliers_move_weight_and_bound_to_the_classes_with_larger_gaps():
+    y = torch.arange(400) % 4
+    nat = torch.ones(400, dtype=torch.bool)
+    nat[(y == 2) & (torch.arange(400) % 3 == 0)] = False  # class 2: 1/3 natural error
+    rob = nat.clone()
+    rob[torch.arange(400) % 8 == 1] = False  # half of class 1: 1/2 boundary error
+    gap0, gap1 = class_error_gaps(nat, rob, y, 4, tolerance=0.01)
+    assert gap0.argmax() == 2 and gap1.argmax() == 1
+    mult = ClassMultipliers(4, MultiplierConfig(0.01, 0.5, 0.5, 0.5, 2.5, True, True),
+                            torch.device("cpu"))
+    mult.step(gap0, gap1)
+    assert mult.c0.argmax() == 2 and mult.c0[2] > 0.25
+    assert mult.c1.argmax() == 1 and mult.c1[1] > 0.25
+    assert mult.scale.argmax() == 1 and mult.scale[1] > 1 and mult.scale[0] == 1
+    assert mult.c0.sum().item() == pytest.approx(1.0)
+    # Classes below the average get no push; repeated pushes stay within the limits.
+    for _ in range(50):
+        mult.step(gap0, gap1)
+    assert mult.lam[0].sum() <= 0.5 + 1e-6 and (mult.c0 >= 0).all()
+    assert mult.scale.max() <= 2.5
+
+
+def test_project_multipliers_and_class_weights():
+    lam = project_multipliers(torch.tensor([-1.0, 0.6, 0.6]), 0.6)
+    assert torch.allclose(lam, torch.tensor([0.0, 0.3, 0.3]))
+    w = class_weights(torch.tensor([0.0, 0.3, 0.3]))
+    assert torch.allclose(w, torch.tensor([1 / 3 - 0.2, 1 / 3 + 0.1, 1 / 3 + 0.1]))
+
+
+def test_frl_multipliers_update_on_the_meta_set_each_epoch():
+    torch.manual_seed(0)
+    _, method, batch = setup()
+    frl = methods.build("frl", method.model, method.cfg.model_copy(update={
+        "method": method.cfg.method.model_copy(update={"name": "frl", "tolerance": 0.0})}),
+        method.data)
+    frl.epoch_start(0)
+    stats = frl.epoch_end(0)
+    assert set(stats) == {"class_weight_max", "bound_scale_max"}
+    assert not torch.equal(frl.multipliers.lam, torch.zeros_like(frl.multipliers.lam))
+
+
+def test_sample_bound_mode_keeps_every_eps_in_its_range():
+    model, method, batch = setup(bound_mode="sample", bound_range=[0.5, 1.5])
+    out = torch.tensor([[0.0, 0.0, -1e4], [0.0, 0.0, 1e4], [0.0, 0.0, 0.0]])
+    eps = method.bounds(batch.y[:3], out)
+    assert torch.allclose(eps, torch.tensor([0.05, 0.15, 0.1]))
+    terms = method.terms(batch)
+    assert ((terms.eps_i >= 0.05 - 1e-7) & (terms.eps_i <= 0.15 + 1e-7)).all()
+    dist = (terms.x_pert.adv - batch.x).abs().flatten(1).max(1).values
+    assert (dist <= terms.eps_i + 1e-6).all()
+    # The meta step reaches the bound output: its row of the last layer moves.
+    method.cfg.method.temperature = 1.0
+    last = method.meta_net.net[-1].weight
+    before = last[2].clone()
+    torch.manual_seed(1)
+    method.caat_meta_step(terms, lr=0.5)
+    assert not torch.equal(last[2], before)
+
+
+def test_rescale_perturbation_is_differentiable_in_the_bound():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    x_pert = x + torch.tensor([0.1, -0.05]).view(2, 1, 1, 1)
+    eps_new = torch.tensor([0.2, 0.1], requires_grad=True)
+    out = rescale_perturbation(x, x_pert, torch.tensor([0.1, 0.1]), eps_new)
+    assert torch.allclose(out[:, 0, 0, 0], torch.tensor([0.7, 0.45]))
+    out.sum().backward()
+    assert torch.allclose(eps_new.grad, torch.tensor([4.0, -2.0]))
+
+
+def test_caat_loss_and_features_by_hand():
+    ce, kl, ce_anti = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.4])
+    w_adv, w_anti = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    c0, c1 = torch.tensor([0.75, 0.25]), torch.tensor([0.5, 0.5])
+    expected = (0.75 * 1.0) / 1.0 + 6 * (0.5 * 0.5) / 1.0 + (0.4) / 2
+    assert caat_loss(w_adv, w_anti, ce, kl, ce_anti, c0, c1, 6.0).item() == pytest.approx(expected)
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    f = caat_features(logits, torch.tensor([0.3567]), torch.tensor([0]),
+                      torch.tensor([1.5, 0.0, 0.0]), torch.tensor([0.2, 0.3, 0.5]))
+    norm = ((0.3 ** 2) + 0.2 ** 2 + 0.1 ** 2) ** 0.5
+    neg_entropy = 0.7 * torch.log(torch.tensor(0.7)) + 0.2 * torch.log(torch.tensor(0.2)) \
+        + 0.1 * torch.log(torch.tensor(0.1))
+    assert torch.allclose(f, torch.tensor([[0.3567, 1.5, norm, 0.5, neg_entropy.item(), 0.2]]),
+                          atol=1e-4)
+
+
+def test_class_mean_loss_feature_is_updated_every_epoch():
+    model, method, batch = setup()
+    method.epoch_start(0)
+    before = method.class_mean_loss.clone()
+    terms_ce = method.terms(batch).ce.detach()
+    method.epoch_start(0)  # reset the running sums; step() accumulates them
+    method.step(batch, lr=0.0)
+    method.epoch_end(0)
+    assert not torch.equal(method.class_mean_loss, before)
+    for c in range(4):
+        assert method.class_mean_loss[c] == pytest.approx(terms_ce[batch.y == c].mean().item(),
+                                                          rel=0.2)

@@ -1,0 +1,106 @@
+"""Meta-learning pieces shared by CAAT and Meta-Weight-Net.
+
+A meta-net maps per-sample features to per-sample weights. It is trained by looking one
+step ahead: a virtual SGD step of the model on the meta-weighted training loss (taken
+functionally with `torch.func.functional_call`, graph kept, no in-place parameter
+surgery), then a loss on a clean meta batch at the virtual weights, whose gradient flows
+back through the virtual step into the meta-net only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+NUM_CAAT_FEATURES = 6
+
+
+class MetaNet(nn.Module):
+    """BatchNorm -> MLP -> raw outputs; the caller decides what the outputs mean.
+
+    BatchNorm first because the features live on very different scales (losses, norms,
+    priors) and drift during training.
+    """
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, *,
+                 batch_norm: bool = True) -> None:
+        super().__init__()
+        norm = [nn.BatchNorm1d(in_features)] if batch_norm else []
+        self.net = nn.Sequential(*norm, nn.Linear(in_features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, out_features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def caat_features(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor,
+                  class_mean_loss: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+    """The six per-sample features CAAT's meta-net sees, shape (B, 6) (pure).
+
+    CE; last epoch's mean CE of the sample's (observed) class; ||onehot(y) - p||;
+    margin p_y - max_{k != y} p_k; sum_k p_k log p_k (negative entropy); class prior.
+    """
+    p = F.softmax(logits, dim=1)
+    onehot = F.one_hot(y, logits.shape[1]).to(p.dtype)
+    p_y = (p * onehot).sum(1)
+    p_other = p.masked_fill(onehot.bool(), float("-inf")).max(1).values
+    neg_entropy = (p * F.log_softmax(logits, dim=1)).sum(1)
+    return torch.stack([ce, class_mean_loss[y], (onehot - p).norm(dim=1), p_y - p_other,
+                        neg_entropy, class_prior[y]], dim=1)
+
+
+def model_params(model: nn.Module) -> Params:
+    return dict(model.named_parameters())
+
+
+def virtual_step(loss: torch.Tensor, params: Params, *, lr: float,
+                 weight_decay: float = 0.0) -> Params:
+    """theta' = theta - lr * (grad + wd * theta), differentiable w.r.t. whatever ``loss``
+    depends on besides theta (the meta-net). The graph of ``loss`` is retained, so the
+    caller may still backpropagate the same forward for the real update."""
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
+                                retain_graph=True, allow_unused=True)
+    out = {}
+    for name, g in zip(names, grads, strict=True):
+        p = params[name]
+        g = torch.zeros_like(p) if g is None else g
+        out[name] = p - lr * (g + weight_decay * p)
+    return out
+
+
+def call_with(model: nn.Module, params: Mapping[str, torch.Tensor],
+              x: torch.Tensor) -> torch.Tensor:
+    """Forward at other parameters. Buffers are cloned: a train-mode BatchNorm updates its
+    running statistics in place, and a virtual forward must leave the real model alone."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return functional_call(model, {**buffers, **params}, (x,))
+
+
+def meta_update(meta_net: nn.Module, meta_optimizer: torch.optim.Optimizer,
+                virtual_loss: torch.Tensor, params: Params,
+                meta_loss_at: Callable[[Params], torch.Tensor], *, lr: float,
+                weight_decay: float = 0.0) -> float:
+    """One meta step: virtual SGD step on ``virtual_loss`` (which must depend on the
+    meta-net), ``meta_loss_at(virtual params)``, then an optimiser step of the meta-net only.
+
+    The model's parameters' ``.grad`` fields are not touched (gradients are taken with
+    `torch.autograd.grad` w.r.t. the meta-net's parameters). Returns the meta loss.
+    """
+    virtual = virtual_step(virtual_loss, params, lr=lr, weight_decay=weight_decay)
+    meta_loss = meta_loss_at(virtual)
+    meta_params = [p for p in meta_net.parameters() if p.requires_grad]
+    # retain_graph: the virtual loss may share its forward with the real training loss,
+    # which the trial loop backpropagates afterwards.
+    grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True, retain_graph=True)
+    meta_optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(meta_params, grads, strict=True):
+        p.grad = None if g is None else g.detach()
+    meta_optimizer.step()
+    return meta_loss.item()

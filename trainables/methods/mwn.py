@@ -1,0 +1,38 @@
+"""Meta-Weight-Net (Shu et al. 2019): a per-sample loss weight from a small net of the loss.
+
+Every `method.meta_interval` batches the weight net takes a meta step: a virtual SGD step
+of the model on the weighted loss, then plain CE on a clean meta batch at the virtual
+weights. Natural training (no attack): the label-noise baseline CAAT builds on.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainables.attacks import ce_per_sample
+from trainables.meta import call_with
+from trainables.methods import register
+from trainables.methods.base import Batch, StepResult
+from trainables.methods.metalearner import MetaLearner
+
+
+@register
+class MWN(MetaLearner):
+    name = "mwn"
+    # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm).
+    meta_batch_norm = False
+
+    def weights(self, ce: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.meta_net(ce.detach().unsqueeze(1))).squeeze(1)
+
+    def step(self, batch: Batch, lr: float) -> StepResult:
+        ce = ce_per_sample(self.model(batch.x), batch.y)
+        if self.meta_due():
+            xm, ym = self.meta_batch()
+            self.meta_step((self.weights(ce) * ce).mean(),
+                           lambda params: F.cross_entropy(call_with(self.model, params, xm), ym),
+                           lr)
+        with torch.no_grad():
+            w = self.weights(ce)
+        return StepResult((w * ce).mean(), sums={"mean_weight": float(w.sum())})
