@@ -223,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="sweep name (MLflow experiment caat-sweep/NAME)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI or SQLite file (default: $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///mlflow.db)")
+                   help="MLflow tracking URI or SQLite file (default sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_analyze)
     return parser
 
