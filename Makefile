@@ -8,7 +8,12 @@ PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/caat-sweep
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo train-demo test test-fast lint clean
+# The sweep `make analyze` and `make ui-screenshot` read, and where they write.
+SWEEP ?= quick
+TRACKING_URI ?= sqlite:///mlflow.db
+ANALYSIS_DIR ?= runs/analysis/$(SWEEP)
+
+.PHONY: setup data browser demo train-demo analyze ui-screenshot test test-fast lint clean
 
 setup: $(VENV)/.installed data
 
@@ -31,20 +36,42 @@ data:
 	  echo "Fashion-MNIST: will be downloaded by torchvision on first use"; \
 	fi
 
+# Headless Chromium for the MLflow UI test and README's screenshot (Debian's package, where
+# we can install packages; elsewhere the UI test is skipped with a reason).
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+	  echo "Chromium: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	  echo "Chromium: installed from Debian"; \
+	else \
+	  echo "Chromium: not installed (the MLflow UI test will be skipped)"; \
+	fi
+
 demo: train-demo
 
 # One trial with the default config (Fashion-MNIST, small_cnn, TRADES).
 train-demo: setup
 	$(CLI) train --out runs/train-demo
 
-test: setup
+# Tables and plots of sweep $(SWEEP) from the MLflow store: summary.{csv,md,tex,html}, PNGs.
+analyze: setup
+	$(CLI) analyze $(SWEEP) --out $(ANALYSIS_DIR) --tracking-uri $(TRACKING_URI)
+
+# README's screenshot of the sweep's runs in the MLflow UI.
+ui-screenshot: setup browser
+	$(PY) scripts/ui_screenshot.py $(SWEEP) --tracking-uri $(TRACKING_URI) \
+	  --png docs/mlflow-runs-$(SWEEP).png
+
+test: setup browser
 	bash .ci/pytest.sh -m "slow or not slow"
 
 test-fast: setup
 	bash .ci/pytest.sh
 
 lint: setup
-	$(VENV)/bin/ruff check trainables sweeper tests benchmarks
+	$(VENV)/bin/ruff check trainables sweeper tests benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

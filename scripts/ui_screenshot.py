@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.text).write_text(browser.js("document.body.innerText"))
             print(f"text of {base}/#/experiments/{exp_id}/runs -> {args.text}")
         if args.png:
+            Path(args.png).parent.mkdir(parents=True, exist_ok=True)
             browser.screenshot(Path(args.png))
             print(f"screenshot of {base}/#/experiments/{exp_id}/runs -> {args.png}")
     except RuntimeError as err:
