@@ -189,6 +189,12 @@ class CellSearcher(Searcher):
         self._trials[trial_id] = {**meta, "params": dict(params)}
         return {**cfg, META: meta}
 
+    def complete(self) -> bool:
+        """Every cell tuned and confirmed, and every trial handed out has ended."""
+        return (all(self._tuning_done(c) and self._confirmed[c.id] >= self._n_confirm(c)
+                    for c in self.plan.cells)
+                and all(t in self._ended for t in self._trials))
+
     def confirm_skipped(self) -> list[str]:
         return [c.id for c in self.plan.cells if self._tuning_done(c) and self.best(c.id) is None]
 
@@ -207,7 +213,9 @@ class CellSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)
+            self.load_state(pickle.load(f))
+
+    def load_state(self, state: dict[str, Any]) -> None:
         self._trials, self._issued = state["trials"], state["issued"]
         self._confirmed, self._ended = state["confirmed"], state["ended"]
         self._cursor = state["cursor"]
@@ -231,19 +239,38 @@ def trial_meta(cell: Cell, phase: str, cfg: Mapping[str, Any],
             "warm_start": warm_start_id(cell, tc.runtime.seed), "tuned_by": tuned_by}
 
 
-def load_studies(sweep_dir: str) -> dict[str, Any]:
-    """The Optuna studies of a sweep, from its latest saved searcher state."""
+def load_search_state(sweep_dir: str) -> dict[str, Any] | None:
+    """The latest saved state of a sweep's searcher (None before the first save)."""
     import pyarrow.fs as pafs
 
     fs, path = st.filesystem(sweep_dir)
-    pattern = Searcher.CKPT_FILE_TMPL.split("{}")[0]
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    prefix = Searcher.CKPT_FILE_TMPL.split("{}")[0]
     files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
-                   if i.base_name.startswith(pattern))
+                   if i.base_name.startswith(prefix))
     if not files:
-        return {}
+        return None
     with fs.open_input_stream(files[-1]) as f:
-        state = pickle.loads(f.readall())
+        return pickle.loads(f.readall())
+
+
+def load_studies(sweep_dir: str) -> dict[str, Any]:
+    """Cell id -> its optuna.Study, from the sweep's latest saved searcher state."""
+    state = load_search_state(sweep_dir) or {"subs": {}}
     return {k: s["_ot_study"] for k, s in state["subs"].items() if s is not None}
+
+
+def study_trials(sweep_dir: str) -> dict[str, dict[str, Any]]:
+    """Cell id -> {Ray trial id: its Optuna FrozenTrial}: which study trial each run is."""
+    state = load_search_state(sweep_dir) or {"subs": {}}
+    out = {}
+    for cell, sub in state["subs"].items():
+        if sub is None:
+            continue
+        frozen = {t.number: t for t in sub["_ot_study"].trials}
+        out[cell] = {tid: frozen[t.number] for tid, t in sub["_ot_trials"].items()}
+    return out
 
 
 # ------------------------------------------------------------------------ the scheduler
@@ -518,17 +545,24 @@ def _init_ray(address: str | None, options: SweepOptions) -> None:
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=options.verbose > 0)
-    else:
-        ray.init(num_cpus=options.num_cpus, include_dashboard=False,
-                 log_to_driver=options.verbose > 0)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=options.verbose > 0)
+        else:
+            ray.init(num_cpus=options.num_cpus, include_dashboard=False,
+                     log_to_driver=options.verbose > 0)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"--address: cannot connect to {address}" if address else "ray: cannot start"
+        raise ConfigError(f"{where} ({' '.join(str(err).split())[:200]})") from None
 
 
 def launch(space_path: str, *, name: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, address: str | None = None,
            options: SweepOptions | None = None) -> int:
-    """`caat-sweep launch`: validate everything, then run a new sweep to its end."""
+    """`caat-sweep launch`: check everything, then run a new sweep to its end.
+
+    Every check that can fail on bad input comes before the first write to storage or
+    MLflow, so a rejected launch leaves nothing behind."""
     from sweeper.spaces import load_space
 
     options = options or SweepOptions()
@@ -539,12 +573,12 @@ def launch(space_path: str, *, name: str | None = None, storage: str | None = No
     if st.sweep_exists(storage, plan.name):
         raise ConfigError(f"--name: a sweep {plan.name!r} exists in {storage}; continue it "
                           f"with `caat-sweep resume {plan.name}` or choose another --name")
+    datasets = load_datasets(plan)  # missing data fails here
     tracker = Tracker(tracking_uri, plan.name)
     tracker.check_reachable()
     if tracker.has_runs():
         raise ConfigError(f"--name: MLflow experiment 'caat-sweep/{plan.name}' at "
                           f"{tracking_uri} already has runs; choose another --name")
-    datasets = load_datasets(plan)  # missing data fails here, before anything is written
     _init_ray(address, options)
     st.check_shared(storage)
     parent = tracker.start_parent(plan.space.selection.metric, plan.space.selection.mode,
@@ -562,17 +596,20 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     options = options or SweepOptions()
     storage = st.resolve_storage(storage)
     manifest = st.load_manifest(storage, name)
+    if manifest.state == "done":
+        print(f"sweep {name} is complete; `caat-sweep status {name}` shows it",
+              file=sys.stderr)
+        return 0
     plan = parse_space(_yaml(manifest.space_text), text=manifest.space_text,
                        source=manifest.space_source, name=manifest.name)
-    tracker = Tracker(manifest.tracking_uri, plan.name)
-    tracker.check_reachable()
     faults = parse_fault_rules(os.environ.get(FAULT_ENV))
     datasets = load_datasets(plan)
+    tracker = Tracker(manifest.tracking_uri, plan.name)
+    tracker.check_reachable()
     _init_ray(address or manifest.address, options)
     st.check_shared(storage)
     manifest.parent_run_id = tracker.start_parent(
         plan.space.selection.metric, plan.space.selection.mode, plan.text)
-    manifest.state = "running"
     manifest.save()
     return _run(plan, manifest, tracker, datasets, faults, options, restore=True)
 
@@ -605,11 +642,10 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
         tuner = _new_tuner(plan, manifest, trainable, options)
     try:
         grid = tuner.fit()
-    except KeyboardInterrupt:
+    except BaseException:
         tracker.end_parent(manifest.parent_run_id, "KILLED")
         raise
-    _finish(plan, manifest, tracker, grid)
-    return 0
+    return _finish(plan, manifest, tracker, grid)
 
 
 def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: SweepOptions):
@@ -640,11 +676,25 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
             progress_reporter=reporter, verbose=options.verbose))
 
 
-def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid) -> None:
-    errors = [r for r in grid if r.error is not None]
+def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid) -> int:
+    """Record how the run ended: complete (manifest `done`, parent FINISHED) or stopped
+    early by Ctrl-C (parent KILLED; `resume` continues)."""
+    searcher = CellSearcher(plan)
+    state = load_search_state(manifest.sweep_dir)
+    if state is not None:
+        searcher.load_state(state)
+    failed = sum(r.error is not None for r in grid)
+    if not searcher.complete():
+        tracker.end_parent(manifest.parent_run_id, "KILLED")
+        print(f"sweep {plan.name} interrupted ({len(grid)} trials so far); "
+              f"`caat-sweep resume {plan.name}` continues it", file=sys.stderr)
+        return 130
     manifest.state = "done"
     manifest.save()
     tracker.end_parent(manifest.parent_run_id, "FINISHED")
-    print(f"sweep {plan.name}: {len(grid)} trials, {len(errors)} failed; "
-          f"`caat-sweep status {plan.name}` for the table, MLflow at {manifest.tracking_uri}",
-          file=sys.stderr)
+    for cell in searcher.confirm_skipped():
+        print(f"warning: cell {cell}: no tuning trial completed, so no confirmation runs",
+              file=sys.stderr)
+    print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed; `caat-sweep status "
+          f"{plan.name}` for the table, MLflow at {manifest.tracking_uri}", file=sys.stderr)
+    return 0

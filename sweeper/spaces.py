@@ -13,7 +13,8 @@ runs (see `sweeper.search`). The format, with every key and its default::
     scenarios:                   # at least one; unset fields keep the base config's value
       - {noise_type: pair, noise_rate: 0.2}          # name: pair-0.2_ir-1_eps-0.1
       - {imbalance_ratio: 10}                        # name: clean_ir-10_eps-0.1
-      - {name: wide, eps: 0.2, bound_range: [0.5, 2], set: {eval.eps: 0.1}}
+      - {name: wide, eps: 0.2, bound_range: [0.5, 2], set: {eval.eps: 0.1},
+         methods: [caat]}                            # only some of the methods
     methods: [erm, pgd_at, trades]                   # registered method names
     search:                      # per method ("all": every method), dotted config keys
       all:
@@ -148,6 +149,8 @@ class ScenarioSpec(_Strict):
     bound_range: tuple[float, float] | None = None  # per-sample bound scales: method.bound_range
     bound_mode: Literal["class", "sample"] | None = None
     set: dict[str, Any] = Field(default_factory=dict)  # any other dotted trial-config keys
+    # Only these of the sweep's methods (e.g. bound scales that only CAAT reads).
+    methods: list[str] | None = None
 
     def overrides(self) -> dict[str, Any]:
         fields = {"scenario.noise_type": self.noise_type, "scenario.noise_rate": self.noise_rate,
@@ -318,8 +321,8 @@ def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
     names = [_scenario_name(sc, cfg) for sc, cfg in zip(scenarios, scenario_cfgs, strict=True)]
     _check_unique(names, source)
     cells = []
-    for scenario, cfg in zip(names, scenario_cfgs, strict=True):
-        for method in space.methods:
+    for sc, scenario, cfg in zip(scenarios, names, scenario_cfgs, strict=True):
+        for method in sc.methods or space.methods:
             fixed, dists = per_method[method]
             cell_cfg = copy.deepcopy(cfg)
             set_dotted(cell_cfg, "method.name", method)
@@ -339,6 +342,11 @@ def _check_methods(space: SweepSpace, source: str) -> None:
         if method not in methods.METHODS:
             raise ConfigError(f"{source}: methods[{i}]: unknown {method!r}; allowed: "
                               f"{', '.join(sorted(methods.METHODS))}")
+    for i, sc in enumerate(space.scenarios):
+        for method in sc.methods or ():
+            if method not in space.methods:
+                raise ConfigError(f"{source}: scenarios[{i}].methods: {method!r} is not in "
+                                  f"`methods`; allowed: {', '.join(space.methods)}")
     allowed = [ALL_METHODS, *space.methods]
     for key in space.search:
         if key not in allowed:
@@ -455,7 +463,7 @@ def resolved_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _format_error(err: ValidationError, root: type[BaseModel]) -> str:
     first = err.errors()[0]
     loc_parts = list(first["loc"])
-    loc = _loc_text(loc_parts) or "space"
+    loc = _loc_text(loc_parts)
     msg = first["msg"].removeprefix("Value error, ")
     kind = first["type"]
     if kind == "extra_forbidden":
@@ -465,7 +473,7 @@ def _format_error(err: ValidationError, root: type[BaseModel]) -> str:
         msg = msg.replace("Input should be", "allowed:")
     elif kind == "missing":
         msg = "required"
-    return f"{loc}: {msg}"
+    return f"{loc}: {msg}" if loc else msg
 
 
 def _loc_text(parts: list[Any]) -> str:

@@ -131,7 +131,16 @@ class Tracker:
             raise ConfigError(f"--tracking-uri: cannot reach {self.tracking_uri} "
                               f"({one_line(err, 200)})") from None
 
+    def store_exists(self) -> bool:
+        """False for a SQLite file not created yet (opening it would create it)."""
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix):
+            return Path(self.tracking_uri[len(prefix):]).is_file()
+        return True
+
     def experiment_id(self, create: bool = False) -> str | None:
+        if not create and not self.store_exists():
+            return None
         if self._experiment_id is None:
             exp = self.client.get_experiment_by_name(experiment_name(self.sweep))
             if exp is not None:
