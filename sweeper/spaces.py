@@ -328,6 +328,9 @@ def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
             set_dotted(cell_cfg, "method.name", method)
             for key, value in fixed.items():
                 set_dotted(cell_cfg, key, value)
+            if cell_cfg.get("runtime", {}).get("threads") is None:
+                # torch threads = the trial's CPUs (Ray reserves them; more would contend).
+                set_dotted(cell_cfg, "runtime.threads", max(1, int(space.resources.cpu)))
             cell = Cell(scenario=scenario, method=method, config=cell_cfg, space=dists)
             _checked(cell_cfg, f"{source}: cell {cell.id}")
             _probe(cell, source)
