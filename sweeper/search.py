@@ -160,8 +160,8 @@ class CellSearcher(Searcher):
         """(trial id, value, sampled params) of the cell's best completed tuning trial."""
         sign = 1 if self.selection.mode == "max" else -1
         found = None
-        for tid, (outcome, value) in self._ended.items():
-            rec = self._trials[tid]
+        for tid, rec in self._trials.items():  # handed-out order: ties go to the earliest
+            outcome, value = self._ended.get(tid, (None, None))
             if rec["cell"] != cell_id or rec["phase"] != TUNE or outcome != "completed":
                 continue
             if value is None or math.isnan(value):
