@@ -72,7 +72,7 @@ CIFAR10_CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse"
 # Scenario params read from each run (flattened config keys) -> runs-table column.
 SCENARIO_PARAMS = {"scenario.noise_type": "noise_type", "scenario.noise_rate": "noise_rate",
                    "scenario.imbalance_ratio": "imbalance_ratio", "dataset.name": "dataset",
-                   "eval.steps": "eval_steps", "eval.eps": "eval_eps"}
+                   "method.eps": "eps", "eval.steps": "eval_steps", "eval.eps": "eval_eps"}
 
 # Shown in every table when a value cannot be computed; the notes say why.
 NA = "n/a"
@@ -235,7 +235,7 @@ def normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
         runs["cell"] = runs["cell"].where(runs["cell"].notna(),
                                           runs["scenario"].astype(str) + "/" + runs["method"])
     runs["phase"] = runs["phase"].fillna("tune")
-    for column in ("seed", "noise_rate", "imbalance_ratio", "eval_steps", "eval_eps"):
+    for column in ("seed", "noise_rate", "imbalance_ratio", "eps", "eval_steps", "eval_eps"):
         if column in runs:
             runs[column] = pd.to_numeric(runs[column], errors="coerce")
     return runs
@@ -442,16 +442,24 @@ def method_label(method: str) -> str:
 
 
 def scenario_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per scenario with its factors, in a readable order (clean first)."""
-    cols = ["noise_type", "noise_rate", "imbalance_ratio", "dataset"]
+    """One row per scenario with its factors, in a readable order (clean first).
+
+    The training bound `eps` is kept only when the sweep varies it: a constant one would
+    just repeat itself in every title.
+    """
+    cols = ["noise_type", "noise_rate", "imbalance_ratio", "eps", "dataset"]
     for column in cols:
         if column not in runs:
             runs = runs.assign(**{column: None})
     table = runs.groupby("scenario", sort=False)[cols].first().reset_index()
+    if pd.to_numeric(table["eps"], errors="coerce").nunique() < 2:
+        table = table.drop(columns="eps")
     table["_rate"] = table["noise_rate"].fillna(-1)
     table["_imb"] = table["imbalance_ratio"].fillna(-1)
-    table = table.sort_values(["_rate", "_imb", "noise_type", "scenario"], na_position="first")
-    return table.drop(columns=["_rate", "_imb"]).reset_index(drop=True)
+    table["_eps"] = table["eps"].fillna(-1) if "eps" in table else 0
+    table = table.sort_values(["_rate", "_imb", "noise_type", "_eps", "scenario"],
+                              na_position="first")
+    return table.drop(columns=["_rate", "_imb", "_eps"]).reset_index(drop=True)
 
 
 def describe_scenario(row: pd.Series) -> str:
@@ -464,6 +472,9 @@ def describe_scenario(row: pd.Series) -> str:
     ratio = row.get("imbalance_ratio")
     if ratio is not None and not pd.isna(ratio):
         parts.append("balanced" if ratio == 1 else f"imbalance ratio {_num(ratio)}")
+    eps = row.get("eps")
+    if eps is not None and not pd.isna(eps):
+        parts.append(f"eps {eps:.3g}")
     return ", ".join(parts)
 
 
@@ -953,35 +964,37 @@ def varied_factors(scenarios: pd.DataFrame) -> list[str]:
 def factor_series(scenarios: pd.DataFrame, factor: str) -> dict[str, list[str]]:
     """Group scenarios into lines along `factor`: label -> scenarios, sorted by the factor.
 
-    Scenarios sharing every other factor form one line. A noise-free scenario joins the line
-    of every noise type with its imbalance ratio (it is the rate-0 point of each).
+    Scenarios sharing every other factor (and the bound eps, when it varies) form one line.
+    A noise-free scenario joins the line of every noise type with its imbalance ratio (it is
+    the rate-0 point of each). A group with two scenarios at the same value (they differ in
+    something else) is no line and is left out.
     """
     table = scenarios.copy()
     clean = table["noise_rate"].fillna(0).eq(0) | table["noise_type"].eq("none")
     table.loc[clean, "noise_type"] = "none"
+    eps = table["eps"].fillna(-1) if "eps" in table else pd.Series(-1.0, index=table.index)
+    eps_label = {e: "" if e < 0 else f"eps {e:.3g}" for e in eps}
     groups: dict[str, list[str]] = {}
+
+    def add(parts: tuple[str, ...], rows: pd.DataFrame) -> None:
+        rows = rows.sort_values(factor)
+        if rows[factor].nunique() >= 2 and not rows[factor].duplicated().any():
+            groups[", ".join(p for p in parts if p)] = list(rows["scenario"])
+
     if factor == "noise_rate":
         kinds = sorted(set(table.loc[~clean, "noise_type"].dropna())) or ["none"]
-        for ratio, by_ratio in table.groupby(table["imbalance_ratio"].fillna(-1), sort=True):
+        by = [table["imbalance_ratio"].fillna(-1), eps]
+        for (ratio, e), rows in table.groupby(by, sort=True):
+            imbalance = ("" if ratio < 0 else "balanced" if ratio == 1
+                         else f"imbalance ratio {ratio:g}")
             for kind in kinds:
-                rows = by_ratio[by_ratio["noise_type"].isin([kind, "none"])]
-                rows = rows.sort_values("noise_rate")
-                if rows["noise_rate"].nunique() < 2:
-                    continue
-                imbalance = ("" if ratio < 0 else "balanced" if ratio == 1
-                             else f"imbalance ratio {ratio:g}")
-                label = ", ".join(x for x in (f"{kind} noise" if kind != "none" else "",
-                                              imbalance) if x)
-                groups[label] = list(rows["scenario"])
+                add((f"{kind} noise" if kind != "none" else "", imbalance, eps_label[e]),
+                    rows[rows["noise_type"].isin([kind, "none"])])
     else:
-        keys = table[["noise_type", "noise_rate"]].fillna({"noise_rate": 0})
-        for (kind, rate), rows in table.groupby([keys["noise_type"], keys["noise_rate"]],
-                                                sort=True):
-            rows = rows.sort_values("imbalance_ratio")
-            if rows["imbalance_ratio"].nunique() < 2:
-                continue
-            label = "no label noise" if kind == "none" else f"{kind} noise {100 * rate:g}%"
-            groups[label] = list(rows["scenario"])
+        by = [table["noise_type"], table["noise_rate"].fillna(0), eps]
+        for (kind, rate, e), rows in table.groupby(by, sort=True):
+            add(("no label noise" if kind == "none" else f"{kind} noise {100 * rate:g}%",
+                 eps_label[e]), rows)
     return groups
 
 

@@ -210,3 +210,17 @@ def test_summarize_with_nothing_finished_raises_a_clear_error():
     with pytest.raises(NothingToAnalyse, match="nothing to analyse yet: 1 trial running, 0 "
                                                "completed, 1 pruned, 0 failed"):
         summarize(SweepRuns(name="x", experiment_id="1", runs=runs))
+
+
+def test_factor_series_separates_bounds_and_skips_ambiguous_groups():
+    sc = pd.DataFrame({"scenario": ["c", "u", "c2", "u2", "x"],
+                       "noise_type": ["none", "uniform", "none", "uniform", "none"],
+                       "noise_rate": [0, 0.2, 0, 0.2, 0], "imbalance_ratio": [1, 1, 1, 1, 10],
+                       "eps": [0.1, 0.1, 0.2, 0.2, 0.1]})
+    assert factor_series(sc, "noise_rate") == {
+        "uniform noise, balanced, eps 0.1": ["c", "u"],
+        "uniform noise, balanced, eps 0.2": ["c2", "u2"]}
+    assert factor_series(sc, "imbalance_ratio") == {"no label noise, eps 0.1": ["c", "x"]}
+    # Two scenarios at the same noise rate on one would-be line: no line at all.
+    twins = sc.drop(columns="eps")
+    assert factor_series(twins, "noise_rate") == {}
