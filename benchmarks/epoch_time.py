@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
