@@ -225,7 +225,13 @@ def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
                      timeout, "the runs table")
     # The page keeps its view state in localStorage under a key naming the experiment;
     # editing the state it wrote itself (rather than writing one) keeps every other field.
-    state = {"selectedColumns": columns, "runsExpanded": {parent: True} if parent else {}}
+    state = {"selectedColumns": columns, "runsExpanded": {parent: True} if parent else {},
+             # Widths wide enough for names and values; MLflow applies stored widths only to
+             # the columns of a stored order.
+             "columnOrder": columns,
+             "columnWidths": {c: 140 if c.startswith("metrics.") else 90 for c in columns}}
+    if "tags.`cell`" in columns:
+        state["columnWidths"]["tags.`cell`"] = 210
     browser.js(f"""(() => {{
         const key = Object.keys(localStorage).find(
             k => k.endsWith('ExperimentPage-["{exp_id}"]-ReactComponentState'));
