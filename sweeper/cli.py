@@ -152,6 +152,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for path in files:
         print(f"  {path}")
     print(f"open {out / 'summary.html'} in a browser for the tables and plots together")
+    uri = analysis.resolve_tracking_uri(args.tracking_uri)
+    print(f"every trial in the MLflow UI: caat-sweep ui --tracking-uri {uri} "
+          "(then http://127.0.0.1:5000)")
     return 0
 
 
