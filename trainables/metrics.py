@@ -24,8 +24,10 @@ SCALAR_METRICS = (
 
 def class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class accuracy (C,); a class absent from ``y`` gets NaN rather than 0 or 1."""
-    hits = torch.bincount(y, weights=correct.float(), minlength=num_classes)
-    totals = torch.bincount(y, minlength=num_classes).float()
+    # float64: accuracies are ratios of counts and should print as such (0.6938, not
+    # float32's 0.6937999725), in reports, MLflow and tables alike.
+    hits = torch.bincount(y, weights=correct.double(), minlength=num_classes)
+    totals = torch.bincount(y, minlength=num_classes).double()
     return torch.where(totals > 0, hits / totals.clamp_min(1), torch.full_like(hits, float("nan")))
 
 
@@ -35,8 +37,8 @@ def summarise(natural_correct: torch.Tensor, robust_correct: torch.Tensor, y: to
     cls_nat = class_accuracy(natural_correct, y, num_classes)
     cls_rob = class_accuracy(robust_correct, y, num_classes)
     present = ~torch.isnan(cls_nat)
-    nat = natural_correct.float().mean().item()
-    rob = robust_correct.float().mean().item()
+    nat = natural_correct.double().mean().item()
+    rob = robust_correct.double().mean().item()
     return {
         "natural_acc": nat,
         "robust_acc": rob,
