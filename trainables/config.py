@@ -35,6 +35,9 @@ class DatasetConfig(_Strict):
     name: str = "fashion_mnist"
     # Subsample of the training pool, taken after the meta/val splits (class-stratified).
     train_size: int | None = Field(default=None, ge=1)
+    # Class-stratified subset of the test split, the same for every trial and seed (None:
+    # the whole split); for quick CPU sweeps, where evaluating 10k test images dominates.
+    test_size: int | None = Field(default=None, ge=1)
     # synthetic/gmm only: image shape C x H x W, classes and split sizes.
     shape: tuple[int, int, int] = (3, 32, 32)
     num_classes: int = Field(default=10, ge=2)

@@ -39,7 +39,7 @@ class ScenarioError(ConfigError):
 
 # Stream ids for SeedSequence spawn keys. Fixed numbers (not spawn order) so that adding a
 # stage later never changes what an existing stage draws for a given seed.
-_SPLIT, _SUBSAMPLE, _IMBALANCE, _NOISE_PICK, _NOISE_TARGET = range(5)
+_SPLIT, _SUBSAMPLE, _IMBALANCE, _NOISE_PICK, _NOISE_TARGET, _TEST_SUBSET = range(6)
 
 
 def _stream(seed: int, stage: int) -> np.random.Generator:
@@ -260,6 +260,18 @@ def _class_ranks(labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
     ranks = np.empty(labels.size, dtype=np.int64)
     ranks[order] = np.arange(labels.size) - first
     return ranks
+
+
+def pick_test_subset(labels: Any, num_classes: int, size: int) -> np.ndarray:
+    """Ascending positions of ``size`` test samples, class proportions kept.
+
+    Drawn from a fixed stream, not the trial's seed: every trial and seed is scored on the
+    same test samples, so their results stay comparable."""
+    y = np.asarray(labels, dtype=np.int64)
+    if size >= y.size:
+        return np.arange(y.size)
+    keys = _stream(0, _TEST_SUBSET).random(y.size)
+    return _subsample(np.arange(y.size), y, num_classes, size, keys)
 
 
 def _subsample(pool: np.ndarray, y: np.ndarray, num_classes: int, train_size: int,

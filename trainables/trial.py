@@ -30,7 +30,7 @@ from trainables import data as data_mod
 from trainables import methods, models
 from trainables.config import ConfigError, TrialConfig, validate
 from trainables.metrics import evaluate
-from trainables.scenarios import Scenario, build_scenario
+from trainables.scenarios import Scenario, build_scenario, pick_test_subset
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -101,12 +101,17 @@ def build_problem(cfg: TrialConfig, device: torch.device,
     def labels(y: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(y, dtype=torch.int64, device=device)
 
+    test_x, test_y = splits.test_x, splits.test_y
+    if cfg.dataset.test_size is not None:
+        keep = torch.as_tensor(pick_test_subset(test_y.numpy(), splits.num_classes,
+                                           cfg.dataset.test_size))
+        test_x, test_y = test_x[keep], test_y[keep]
     augment = splits.augment if cfg.dataset.augment is None else cfg.dataset.augment
     return Problem(
         train_x=take(scenario.train_idx), train_y=labels(scenario.train_labels),
         meta_x=take(scenario.meta_idx), meta_y=labels(splits.train_y.numpy()[scenario.meta_idx]),
         val_x=take(scenario.val_idx), val_y=labels(splits.train_y.numpy()[scenario.val_idx]),
-        test_x=to_device(splits.test_x, device), test_y=splits.test_y.to(device),
+        test_x=to_device(test_x, device), test_y=test_y.to(device),
         num_classes=splits.num_classes, augment=augment, scenario=scenario, splits=splits)
 
 
