@@ -11,10 +11,17 @@ with `small_cnn`, single-threaded. Prints, per concurrency level:
 - overhead per trial: wall x concurrency - trial compute, spread over the trials (the
   scheduling, process, hand-over and bookkeeping cost a trial pays that a bare loop of
   `run_trial` calls would not);
-- speedup of 2 concurrent trials over 1 (target on a 2-core machine: >= 1.8x).
+- speedup of 2 concurrent trials over 1 (target on a 2-core machine: >= 1.8x);
+- the same trials without Ray or the sweeper, as the machine's own ceiling: `run_trial`
+  in a pool of 1 or 2 fresh worker processes (their start-up timed, like the Tuner's trial
+  actors'), same threads.
 
-    python benchmarks/sweep_scaling.py               # 8 trials
-    python benchmarks/sweep_scaling.py --trials 8 --epochs 3 --n-train 3000
+    python benchmarks/sweep_scaling.py               # 8 trials, each setting 3 times
+    python benchmarks/sweep_scaling.py --trials 8 --epochs 3 --n-train 3000 --repeats 1
+
+On a shared or virtualised 2-core machine the cores' speed drifts by tens of percent from
+minute to minute, so every setting is measured --repeats times, interleaved (sweeper 1,
+sweeper 2, bare 1, bare 2, then again), and the medians are compared.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -69,11 +77,42 @@ def run(concurrency: int, args: argparse.Namespace, datasets: dict, storage: str
             "overhead": (wall * concurrency - compute) / args.trials}
 
 
+def _bare_trial(cfg: dict) -> float:
+    """One trial through `run_trial` with a throw-away directory reporter (no Ray)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from trainables.trial import DirectoryReporter, run_trial
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        run_trial(cfg, DirectoryReporter(Path(out)))
+    return time.perf_counter() - t0
+
+
+def run_bare(concurrency: int, args: argparse.Namespace) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cfg = trial_config(args)
+    ctx = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()  # worker start-up counts, as a Tuner's actors' does
+    with ProcessPoolExecutor(concurrency, mp_context=ctx) as pool:
+        times = list(pool.map(_bare_trial, [cfg] * args.trials))
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "wall": wall, "compute": sum(times),
+            "overhead": (wall * concurrency - sum(times)) / args.trials}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import ray
@@ -82,6 +121,7 @@ def main() -> None:
     from trainables.config import DatasetConfig
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # verbose=0 then means quiet
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.system()} {platform.release()}, python {platform.python_version()}")
     print(f"command: python benchmarks/sweep_scaling.py {' '.join(sys.argv[1:])}".rstrip())
@@ -90,19 +130,33 @@ def main() -> None:
     splits = data.load(DatasetConfig(**cfg["dataset"]), seed=0)
     datasets = {data_key(validate(cfg)): SharedSplits.from_splits(splits)}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    runs: dict[tuple[str, int], list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="sweep-scaling-") as storage:
         run(1, argparse.Namespace(**{**vars(args), "trials": 2}), datasets, storage)  # warm-up
-        rows = [run(c, args, datasets, storage) for c in (1, 2)]
+        for _ in range(args.repeats):
+            for c in (1, 2):
+                runs.setdefault(("sweeper (Ray Tune)", c), []).append(
+                    run(c, args, datasets, storage))
+            for c in (1, 2):
+                runs.setdefault(("bare run_trial processes", c), []).append(run_bare(c, args))
     ray.shutdown()
     print(f"{args.trials} identical trials: ERM, synthetic 1x28x28 (n_train {args.n_train}), "
-          f"small_cnn, {args.epochs} epochs, 1 CPU and 1 torch thread each")
-    print(f"{'concurrent':>10}  {'wall s':>8}  {'trial compute s':>15}  "
+          f"small_cnn, {args.epochs} epochs, 1 CPU and 1 torch thread each; median of "
+          f"{args.repeats} (min-max)")
+    print(f"{'':>24}{'concurrent':>11}  {'wall s':>17}  {'trial compute s':>15}  "
           f"{'overhead s/trial':>16}")
-    for r in rows:
-        print(f"{r['concurrency']:>10}  {r['wall']:>8.1f}  {r['compute']:>15.1f}  "
-              f"{r['overhead']:>16.2f}")
-    print(f"speedup with 2 concurrent trials: {rows[0]['wall'] / rows[1]['wall']:.2f}x "
-          "(target >= 1.8x on 2 cores)")
+    med = {}
+    for (label, c), rows in runs.items():
+        walls = [r["wall"] for r in rows]
+        med[label, c] = statistics.median(walls)
+        compute = statistics.median(r["compute"] for r in rows)
+        overhead = statistics.median(r["overhead"] for r in rows)
+        spread = f"{med[label, c]:.1f} ({min(walls):.1f}-{max(walls):.1f})"
+        print(f"{label:>24}{c:>11}  {spread:>17}  {compute:>15.1f}  {overhead:>16.2f}")
+    sweeper = med["sweeper (Ray Tune)", 1] / med["sweeper (Ray Tune)", 2]
+    ceiling = med["bare run_trial processes", 1] / med["bare run_trial processes", 2]
+    print(f"speedup with 2 concurrent trials: {sweeper:.2f}x through the sweeper "
+          f"(target >= 1.8x on 2 cores); {ceiling:.2f}x for bare processes on this machine")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
