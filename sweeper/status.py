@@ -46,7 +46,9 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
     sel = plan.space.selection
     rows = {(c.id, phase): CellRow(c.id, phase) for c in plan.cells
             for phase in ("tune", "confirm")}
-    for run in Tracker(manifest.tracking_uri, manifest.name).trial_runs():
+    tracker = Tracker(manifest.tracking_uri, manifest.name)
+    tracker.check_reachable()  # one line now, not minutes of client retries
+    for run in tracker.trial_runs():
         tags = run.data.tags
         row = rows.setdefault((tags.get("cell"), tags.get("phase")),
                               CellRow(tags.get("cell", "?"), tags.get("phase", "?")))
