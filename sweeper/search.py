@@ -432,7 +432,7 @@ def prepare_warm_starts(plan: SweepPlan, datasets: Mapping[str, SharedSplits],
 
     needed: dict[str, dict] = {}
     for cell in plan.cells:
-        for seed in [plan.tune_seed, *plan.space.confirm.seeds]:
+        for seed in [validate(cell.config).runtime.seed, *plan.space.confirm.seeds]:
             key = warm_start_id(cell, seed)
             if key is not None and key not in needed:
                 needed[key] = plan.trial_config(cell, {}, seed)

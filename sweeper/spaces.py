@@ -261,12 +261,6 @@ class SweepPlan:
     text: str  # the space file as given (kept with the sweep, logged to MLflow)
     source: str = ""
 
-    def cell(self, cell_id: str) -> Cell:
-        for cell in self.cells:
-            if cell.id == cell_id:
-                return cell
-        raise KeyError(cell_id)
-
     def n_tune(self, cell: Cell) -> int:
         """Tuning trials of a cell: one when there is nothing to search."""
         return self.space.trials_per_cell if cell.space else 1
@@ -279,10 +273,6 @@ class SweepPlan:
         if seed is not None:
             set_dotted(cfg, "runtime.seed", seed)
         return cfg
-
-    @property
-    def tune_seed(self) -> int:
-        return validate(self.cells[0].config).runtime.seed
 
 
 # ---------------------------------------------------------------------------- loading
