@@ -238,8 +238,8 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="Ray cluster to run on (e.g. ray://head:10001 or auto; default: a "
-                        "local Ray on this machine's cores)")
+                   help="Ray cluster to join, from one of its nodes (auto, or HEAD_IP:6379); "
+                        "default: a local Ray on this machine's cores")
     p.add_argument("--quiet", action="store_true", help="no live progress table")
 
 
