@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,12 +97,15 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def private_ray_env() -> dict[str, str]:
-    """Environment for a subprocess with its own Ray (its own temp dir, short for sockets)."""
+@pytest.fixture
+def private_ray_env():
+    """Environment for subprocesses with their own Ray: a private temp dir (short, for
+    Ray's socket paths), removed afterwards."""
     env = dict(os.environ)
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     env["CAAT_OFFLINE"] = "1"
-    return env
+    yield env
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def session_pids(sid: int) -> list[int]:

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from sweep_support import CLI, kill_session, private_ray_env, session_pids, tiny_space, write_space
+from sweep_support import (  # noqa: F401
+    CLI,
+    kill_session,
+    private_ray_env,
+    session_pids,
+    tiny_space,
+    write_space,
+)
 
 from sweeper.search import study_trials
 from sweeper.tracking import Tracker
@@ -61,12 +68,13 @@ def _ray_trials(sweep_dir: Path) -> dict[str, str]:
     return {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep_dir)).trials}
 
 
-def test_sigkilled_driver_resumes_without_duplicate_or_running_runs(tmp_path):
+def test_sigkilled_driver_resumes_without_duplicate_or_running_runs(
+        tmp_path, private_ray_env):  # noqa: F811
     space = _slow_space("killed", epochs=4, n_train=3000)
     path = write_space(tmp_path / "space.yaml", space)
     db, storage = tmp_path / "mlflow.db", tmp_path / "runs"
     args = ["--storage", str(storage)]
-    env = private_ray_env()
+    env = private_ray_env
     log = (tmp_path / "launch.log").open("w")
     proc = subprocess.Popen([*CLI, "launch", str(path), *args, "--tracking-uri",
                              f"sqlite:///{db}", "--quiet"], env=env, cwd=tmp_path,
@@ -157,7 +165,7 @@ cluster.shutdown()
 '''
 
 
-def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path):
+def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path, private_ray_env):  # noqa: F811
     space = _slow_space("nodes", epochs=6, n_train=20000, max_failures=2,
                         asha={"enabled": False}, confirm={"seeds": []})
     space["methods"] = ["erm"]
@@ -167,7 +175,7 @@ def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path):
     script.write_text(CLUSTER_SCRIPT)
     out, db, storage = tmp_path / "out.json", tmp_path / "mlflow.db", tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(storage), str(db),
-                             str(out)], env=private_ray_env(), cwd=tmp_path,
+                             str(out)], env=private_ray_env, cwd=tmp_path,
                             start_new_session=True)
     try:
         proc.wait(timeout=900)
