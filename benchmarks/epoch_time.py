@@ -19,6 +19,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,8 +43,10 @@ FLOOR_PASSES = {
 def config(method: str, args: argparse.Namespace) -> dict:
     return {
         "dataset": {"name": "synthetic", "shape": [3, 32, 32], "num_classes": 10,
-                    "n_train": args.n_train + 2000, "n_test": 100},
-        "scenario": {"meta_per_class": 50, "val_per_class": 50},
+                    "n_train": args.n_train + 300, "n_test": 100},  # + meta and val
+        # A meta set of 2% of the training set, as with Fashion-MNIST's 60k and 20 per
+        # class: the per-epoch multiplier update is measured at a realistic share.
+        "scenario": {"meta_per_class": 20, "val_per_class": 10},
         "model": {"arch": args.arch},
         "method": {"name": method, "steps": args.steps},
         "optim": {"epochs": args.epochs, "batch_size": args.batch_size},
@@ -82,7 +85,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(method_name: str, args: argparse.Namespace) -> dict:
+@dataclass
+class Bench:
+    """One method set up for measurement; epochs are run interleaved with the others."""
+
+    name: str
+    cfg: object
+    problem: object
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    method: object
+    device: torch.device
+    n_batches: int
+    epoch_s: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+
+
+def setup(method_name: str, args: argparse.Namespace) -> Bench:
     cfg = load_config(config(method_name, args), args.set or [])
     device = resolve_device(cfg.runtime.device)
     if cfg.runtime.threads:
@@ -92,26 +111,31 @@ def measure(method_name: str, args: argparse.Namespace) -> dict:
     model = build_model(cfg, problem, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
     method = methods.build(method_name, model, cfg, method_data(problem, device))
-    n_batches = len(problem.train_y) // cfg.optim.batch_size
-    x = problem.train_x[: cfg.optim.batch_size]
-    y = problem.train_y[: cfg.optim.batch_size]
-    floor = floor_ms(model, x, y, args.repeats)
-    epoch_s = []
-    for epoch in range(cfg.optim.epochs):
-        sync(device)
-        t0 = time.perf_counter()
-        train_epoch(cfg, model, opt, method, problem, epoch, n_batches, device, None)
-        method.epoch_end(epoch)  # per-epoch hooks (multipliers) count towards the epoch
-        sync(device)
-        epoch_s.append(time.perf_counter() - t0)
-    # The first epoch carries one-off costs (allocator warm-up); report the best later one.
-    best = min(epoch_s[1:]) if len(epoch_s) > 1 else epoch_s[0]
-    ms_per_batch = 1000 * best / n_batches
-    passes = FLOOR_PASSES.get(method_name, lambda k: 1)(cfg.method.steps)
-    return {"method": method_name, "K": cfg.method.steps, "epoch_s": best,
-            "ms_batch": ms_per_batch,
-            "samples_s": n_batches * cfg.optim.batch_size / best, "floor_ms": floor,
-            "passes": passes, "eff": passes * floor / ms_per_batch}
+    return Bench(method_name, cfg, problem, model, opt, method, device,
+                 len(problem.train_y) // cfg.optim.batch_size)
+
+
+def run_round(b: Bench, epoch: int, repeats: int) -> None:
+    bs = b.cfg.optim.batch_size
+    b.floor.append(floor_ms(b.model, b.problem.train_x[:bs], b.problem.train_y[:bs], repeats))
+    sync(b.device)
+    t0 = time.perf_counter()
+    # The trial's own epoch: per-epoch hooks (the multiplier update) and meta steps count.
+    train_epoch(b.cfg, b.model, b.opt, b.method, b.problem, epoch, b.n_batches, b.device, None)
+    b.method.epoch_end(epoch)
+    sync(b.device)
+    b.epoch_s.append(time.perf_counter() - t0)
+
+
+def summary(b: Bench) -> dict:
+    # The first round carries one-off costs (allocator warm-up): medians of the others.
+    epoch = statistics.median(b.epoch_s[1:] or b.epoch_s)
+    floor = statistics.median(b.floor)
+    ms_per_batch = 1000 * epoch / b.n_batches
+    passes = FLOOR_PASSES.get(b.name, lambda k: 1)(b.cfg.method.steps)
+    return {"method": b.name, "K": b.cfg.method.steps, "epoch_s": epoch,
+            "ms_batch": ms_per_batch, "samples_s": b.n_batches * b.cfg.optim.batch_size / epoch,
+            "floor_ms": floor, "passes": passes, "eff": passes * floor / ms_per_batch}
 
 
 def main() -> None:
@@ -119,10 +143,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods to measure (default: all registered)")
     parser.add_argument("--steps", type=int, default=10, help="attack steps K")
-    parser.add_argument("--n-train", type=int, default=2560, help="training samples per epoch")
+    parser.add_argument("--n-train", type=int, default=10240, help="training samples per epoch")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per method (best kept)")
-    parser.add_argument("--repeats", type=int, default=20, help="floor measurements")
+    parser.add_argument("--epochs", type=int, default=4,
+                        help="rounds: one epoch of each method per round (median of all but "
+                             "the first)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="floor measurements per round (median over all rounds)")
     parser.add_argument("--arch", default="small_cnn")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
@@ -135,8 +162,13 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{resolve_device(args.device)}")
     print(f"# synthetic 3x32x32, {args.arch}, batch {args.batch_size}, {args.n_train} "
-          f"training samples per epoch, best of {args.epochs} epochs")
-    rows = [measure(name, args) for name in names]
+          f"training samples per epoch, median of {args.epochs - 1} interleaved epochs")
+    benches = [setup(name, args) for name in names]
+    # Round-robin over methods, so drifting machine load hits every method alike.
+    for epoch in range(args.epochs):
+        for b in benches:
+            run_round(b, epoch, args.repeats)
+    rows = [summary(b) for b in benches]
     ref = next((r for r in rows if r["method"] == "trades"), None)
     header = (f"{'method':<9} {'K':>3} {'samples/s':>10} {'ms/batch':>9} {'floor ms':>9} "
               f"{'passes':>6} {'floor eff.':>10} {'x TRADES':>9}")

@@ -94,8 +94,8 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> torch.T
 
 def pgd(model: nn.Module, x: torch.Tensor, objective: Objective, *,
         eps: PerSample, step_size: PerSample, steps: int, sign: PerSample = 1.0,
-        random_start: str = "uniform", generator: torch.Generator | None = None
-        ) -> torch.Tensor:
+        random_start: str = "uniform", generator: torch.Generator | None = None,
+        init_delta: torch.Tensor | None = None) -> torch.Tensor:
     """Signed L-inf PGD on ``objective(model(x'))`` in the pixel ball ||x' - x||_inf <= eps.
 
     Args:
@@ -110,6 +110,8 @@ def pgd(model: nn.Module, x: torch.Tensor, objective: Objective, *,
         random_start: "uniform" in the eps ball, "normal" (0.001 * N(0, 1), TRADES' training
             start) or "none".
         generator: optional torch.Generator for the random start.
+        init_delta: an explicit start perturbation (projected), replacing random_start;
+            lets callers give several attacks the very same start.
 
     Returns:
         x_adv, detached, with |x_adv - x| <= eps per sample and x_adv in [0, 1]. The model's
@@ -126,7 +128,9 @@ def pgd(model: nn.Module, x: torch.Tensor, objective: Objective, *,
         raise ValueError("eps: must be >= 0 for every sample")
     step_t = _per_sample("step_size", step_size, x) * _per_sample("sign", sign, x)
 
-    x_adv = _project(x + _random_start(x, eps_t, random_start, generator), x, eps_t)
+    delta = (init_delta if init_delta is not None
+             else _random_start(x, eps_t, random_start, generator))
+    x_adv = _project(x + delta, x, eps_t)
     with eval_mode(model), torch.enable_grad():
         for _ in range(int(steps)):
             x_adv.requires_grad_(True)

@@ -81,7 +81,8 @@ class MethodConfig(_Strict):
     beta: float = Field(default=6.0, ge=0.0)
     # CAAT / MWN meta-learning
     temperature: float = Field(default=0.001, gt=0.0)
-    meta_interval: int = Field(default=20, ge=1)  # batches between meta steps
+    # Batches between meta steps (50, as the original code; small datasets want fewer).
+    meta_interval: int = Field(default=50, ge=1)
     meta_lr: float = Field(default=1e-3, gt=0.0)
     meta_hidden: int = Field(default=100, ge=1)
     meta_batch_size: int = Field(default=100, ge=1)

@@ -134,32 +134,26 @@ class CAAT(MultiplierMethod, MetaLearner):
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, anti: torch.Tensor,
                 eps_i: torch.Tensor, both: bool) -> _Perturbed:
+        """One signed PGD: each sample in its chosen direction, or (``both``) every sample
+        in both directions, as one PGD over the batch stacked twice (samples do not
+        interact in the attack's eval mode, and one big batch runs faster than two)."""
         target = attack_target(self.model, x)
-        steps = self.cfg.method.steps
-        # One start seed drawn from the (checkpointed) global RNG; both modes start every
-        # sample from the same point, so `chosen` and `both` agree where the choice is hard.
-        seed = int(torch.randint(0, 2**62, (1,)))
-
-        def start() -> torch.Generator:
-            return torch.Generator(device=x.device).manual_seed(seed)
-
-        def kl(logits):
-            return kl_per_sample(logits, target)
-
-        def ce(logits):
-            return ce_per_sample(logits, y)
-
-        if not both:
-            sign = torch.where(anti, -1.0, 1.0).to(x.dtype)
-            x_pert = pgd(self.model, x, lambda lg: torch.where(anti, ce(lg), kl(lg)),
-                         eps=eps_i, step_size=self.step_size, steps=steps, sign=sign,
-                         random_start="normal", generator=start())
-            return _Perturbed(x_pert, x_pert)
-        x_adv = pgd(self.model, x, kl, eps=eps_i, step_size=self.step_size, steps=steps,
-                    sign=1.0, random_start="normal", generator=start())
-        x_anti = pgd(self.model, x, ce, eps=eps_i, step_size=self.step_size, steps=steps,
-                     sign=-1.0, random_start="normal", generator=start())
-        return _Perturbed(x_adv, x_anti)
+        # TRADES' tiny Gaussian start, one per sample, shared by both directions: `chosen`
+        # and `both` start every sample from the same point, so they agree where the
+        # choice is hard.
+        start = 0.001 * torch.randn_like(x)
+        if both:
+            anti = torch.cat([torch.zeros_like(anti), torch.ones_like(anti)])
+            x, y, target = torch.cat([x, x]), torch.cat([y, y]), torch.cat([target, target])
+            eps_i, start = torch.cat([eps_i, eps_i]), torch.cat([start, start])
+        x_pert = pgd(self.model, x,
+                     lambda lg: torch.where(anti, ce_per_sample(lg, y), kl_per_sample(lg, target)),
+                     eps=eps_i, step_size=self.step_size, steps=self.cfg.method.steps,
+                     sign=torch.where(anti, -1.0, 1.0).to(x.dtype), init_delta=start)
+        if both:
+            x_adv, x_anti = x_pert.chunk(2)
+            return _Perturbed(x_adv, x_anti)
+        return _Perturbed(x_pert, x_pert)
 
     def perturbed_terms(self, forward, x_pert: _Perturbed, y: torch.Tensor,
                         logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
