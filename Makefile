@@ -50,9 +50,10 @@ browser:
 	fi
 
 # The main job: the quick sweep of search_spaces/quick.yaml (Fashion-MNIST subset, a noise
-# and an imbalance scenario, ERM / PGD-AT / TRADES; about 10 minutes on 2 cores). Its
-# analysis is the demo's next step: add it after sweep-demo (`make analyze` reads it).
+# and an imbalance scenario, ERM / PGD-AT / TRADES / CAAT; about 10 minutes on 2 cores),
+# then its tables and plots in $(ANALYSIS_DIR).
 demo: sweep-demo
+	$(MAKE) --no-print-directory analyze SWEEP=quick
 
 # Launch the quick sweep, or continue it when an earlier `make demo` was interrupted
 # (a finished one is left as it is).

@@ -4,7 +4,10 @@ Fixed hyperparameters from the literature (nothing tuned, least of all on the te
 small_cnn, L-inf eps 0.1, K=5 attack steps of 0.025, TRADES/FRL/CAAT beta 6, SGD lr 0.05
 with a cosine schedule, one shared ERM warm-start epoch for every method (CAAT's protocol
 starts from a naturally trained model; giving it to all keeps the comparison fair).
-Evaluation: the whole 10k test set, PGD-20 with a random start, true test labels.
+Budget (a few minutes per trial on one CPU core): a 5000-image training subset, 5 epochs,
+and a fixed class-balanced 5000-image test subset (500 per class) so the final PGD-20 takes
+half the time; `--test-size 10000` evaluates on the whole test set.
+Evaluation: PGD-20 with a random start, true test labels.
 
 Each trial writes RESULTS/<scenario>/<method>/seed<k>/metrics.json through the trial's own
 code path; finished trials are skipped, so an interrupted run continues where it stopped.
@@ -37,12 +40,14 @@ COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
 
 def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace) -> dict:
     return {
-        "dataset": {"name": "fashion_mnist", "train_size": args.train_size},
+        "dataset": {"name": "fashion_mnist", "train_size": args.train_size,
+                    "test_size": args.test_size},
         "scenario": {"meta_per_class": 20, "val_per_class": 100, **SCENARIOS[scenario]},
         "model": {"arch": "small_cnn"},
         "method": {"name": method, "eps": 0.1, "step_size": 0.025, "steps": 5, "beta": 6.0,
                    "meta_interval": 20},
-        "init": {"erm_epochs": 1},
+        # One warm start per scenario and seed, shared by the 7 methods.
+        "init": {"erm_epochs": 1, "cache_dir": str(Path(args.out) / "warm_starts")},
         "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 0.05},
         "eval": {"steps": 20, "every": args.epochs},
         "runtime": {"seed": seed, "device": "cpu", "threads": args.threads},
@@ -97,8 +102,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
-    parser.add_argument("--train-size", type=int, default=6000)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-size", type=int, default=5000)
+    parser.add_argument("--test-size", type=int, default=5000,
+                        help="class-balanced fixed test subset (10000: the whole split)")
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2, help="trials run in parallel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     parser.add_argument("--table-only", action="store_true")

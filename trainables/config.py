@@ -189,13 +189,10 @@ def _check_registered(cfg: TrialConfig) -> None:
     # must stay importable on its own.
     from trainables import data, methods, models
 
-    for field, name, registry in (
-        ("dataset.name", cfg.dataset.name, data.DATASETS),
-        ("model.arch", cfg.model.arch, models.MODELS),
-        ("method.name", cfg.method.name, methods.METHODS),
-    ):
-        if name not in registry:
-            raise ValueError(f"{field}: unknown {name!r}; allowed: {', '.join(sorted(registry))}")
+    for name, registry in ((cfg.dataset.name, data.DATASETS), (cfg.model.arch, models.MODELS),
+                           (cfg.method.name, methods.METHODS)):
+        if name not in registry:  # ValueError: pydantic turns it into the field's error
+            raise ValueError(registry.unknown(name))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from trainables.config import ConfigError, DatasetConfig
+from trainables.registry import Registry
 
 
 class DataError(ConfigError):
@@ -64,26 +65,13 @@ class DatasetSplits:
 
 
 Loader = Callable[[DatasetConfig, int], DatasetSplits]
-DATASETS: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    def deco(fn: Loader) -> Loader:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        DATASETS[name] = fn
-        return fn
-
-    return deco
+DATASETS: Registry[Loader] = Registry("dataset.name", DataError)
+register_dataset = DATASETS.register
 
 
 def load(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     """The dataset cfg names, as CPU tensors; ``seed`` only matters for generated data."""
-    loader = DATASETS.get(cfg.name)
-    if loader is None:
-        allowed = ", ".join(sorted(DATASETS))
-        raise DataError(f"dataset.name: unknown {cfg.name!r}; allowed: {allowed}")
-    return loader(cfg, seed)
+    return DATASETS.get(cfg.name)(cfg, seed)
 
 
 def clear_cache() -> None:

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.registry import Registry
+
 Factory = Callable[[int, int, "tuple[int, int, int] | None"], nn.Module]
 
-MODELS: dict[str, Factory] = {}
+MODELS: Registry[Factory] = Registry("model.arch")
 
 _SPEC_KEYS = ("arch", "num_classes", "in_channels", "input_shape", "mean", "std")
 
@@ -33,14 +35,7 @@ def register_model(name: str) -> Callable[[Factory], Factory]:
     The factory builds the bare network (normalised input in, logits out); :func:`build`
     wraps it with the normalisation.
     """
-
-    def deco(factory: Factory) -> Factory:
-        if name in MODELS:
-            raise ValueError(f"model '{name}' is already registered")
-        MODELS[name] = factory
-        return factory
-
-    return deco
+    return MODELS.register(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +107,7 @@ def build(arch: str, num_classes: int, in_channels: int = 3, *,
     depends on it); if given, its C must equal ``in_channels``. ``mean``/``std`` default to
     0.5 per channel, i.e. inputs mapped to [-1, 1].
     """
-    if arch not in MODELS:
-        raise ValueError(f"model.arch: unknown '{arch}'; allowed: {', '.join(sorted(MODELS))}")
+    factory = MODELS.get(arch)
     if int(num_classes) < 2:
         raise ValueError(f"model.num_classes: must be >= 2, got {num_classes}")
     if int(in_channels) < 1:
@@ -122,7 +116,7 @@ def build(arch: str, num_classes: int, in_channels: int = 3, *,
     shape = _check_input_shape(input_shape, in_channels)
     mean_l = _channel_stats("mean", mean, in_channels)
     std_l = _channel_stats("std", std, in_channels)
-    net = MODELS[arch](num_classes, in_channels, shape)
+    net = factory(num_classes, in_channels, shape)
     # Plain types only (lists, not tuples or tensors): checkpoints load with weights_only=True
     # and the spec may be logged as JSON.
     spec = {

@@ -18,7 +18,7 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 @pytest.mark.parametrize("name, n_cells, first", [
-    ("quick.yaml", 6, "pair-0.2_ir-1_eps-0.1/erm"),
+    ("quick.yaml", 8, "pair-0.2_ir-1_eps-0.1/erm"),
     ("theory.yaml", 31, "clean_ir-1_eps-0.05/erm"),
     ("cifar10_noise.yaml", 20, "uniform-0.2_ir-1_eps-0.03137/pgd_at"),
     ("cifar10_imbalance.yaml", 20, "clean_ir-10_eps-0.03137/pgd_at"),
@@ -36,7 +36,7 @@ def test_quick_space_is_the_cpu_demo():
     assert plan.name == "quick"
     assert [c.id for c in plan.cells] == [
         f"{s}/{m}" for s in ("pair-0.2_ir-1_eps-0.1", "clean_ir-10_eps-0.1")
-        for m in ("erm", "pgd_at", "trades")]
+        for m in ("erm", "pgd_at", "trades", "caat")]
     cfg = plan.trial_config(plan.cells[0], {}, None)
     assert cfg["dataset"]["name"] == "fashion_mnist"
     assert plan.space.resources.gpu == 0 and plan.space.confirm.seeds == [1, 2]

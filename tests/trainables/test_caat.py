@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from method_support import build_method
 from torch import nn
 
-from trainables import methods, models
-from trainables.config import load_config
+from trainables import methods
 from trainables.meta import caat_features
-from trainables.methods import Batch, MethodData
 from trainables.methods.caat import caat_loss, rescale_perturbation
 from trainables.methods.multipliers import (
     ClassMultipliers,
@@ -19,20 +18,11 @@ from trainables.methods.multipliers import (
 
 
 def setup(arch="small_cnn", num_classes=4, seed=0, **method):
-    torch.manual_seed(seed)
-    knobs = {"name": "caat", "steps": 3, "eps": 0.1, "meta_interval": 10_000, **method}
-    cfg = load_config({"dataset": {"name": "synthetic"}, "method": knobs})
-    model = models.build(arch, num_classes, 1, input_shape=(1, 8, 8))
-    x = torch.rand(24, 1, 8, 8)
-    y = torch.arange(24) % num_classes
-    meta_y = torch.arange(8 * num_classes) % num_classes
-    data = MethodData(num_classes=num_classes, train_labels=y,
-                      class_counts=torch.bincount(y, minlength=num_classes),
-                      meta_x=torch.rand(len(meta_y), 1, 8, 8), meta_y=meta_y,
-                      device=x.device)
-    method = methods.build("caat", model, cfg, data)
+    knobs = {"steps": 3, "eps": 0.1, "meta_interval": 10_000, **method}
+    model, caat, batch = build_method("caat", num_classes=num_classes, n=24, side=8,
+                                      meta_per_class=8, arch=arch, seed=seed, **knobs)
     model.train()
-    return model, method, Batch(x=x, y=y, idx=torch.arange(24))
+    return model, caat, batch
 
 
 def snapshot(module: nn.Module) -> dict:

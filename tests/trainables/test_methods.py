@@ -1,27 +1,17 @@
 import pytest
 import torch
+from method_support import build_method
 
-from trainables import methods, models
+from trainables import methods
 from trainables.config import load_config
-from trainables.methods import Batch, MethodData
 
 ALL = sorted(methods.METHODS)
 CAAT_VARIANTS = [{}, {"directions": "both"}, {"bound_mode": "sample"}]
 
 
 def make(name: str, num_classes: int = 10, **method):
-    torch.manual_seed(0)
-    cfg = load_config({"dataset": {"name": "synthetic"},
-                       "method": {"name": name, "steps": 3, "eps": 0.05, **method}})
-    model = models.build("small_cnn", num_classes, 1, input_shape=(1, 16, 16))
-    x = torch.rand(32, 1, 16, 16)
-    y = torch.arange(32) % num_classes
-    meta_y = torch.arange(2 * num_classes) % num_classes
-    data = MethodData(num_classes=num_classes, train_labels=y,
-                      class_counts=torch.bincount(y, minlength=num_classes),
-                      meta_x=torch.rand(len(meta_y), 1, 16, 16), meta_y=meta_y,
-                      device=x.device)
-    return model, methods.build(name, model, cfg, data), Batch(x=x, y=y, idx=torch.arange(32))
+    return build_method(name, num_classes=num_classes, n=32, side=16, meta_per_class=2,
+                        **{"steps": 3, "eps": 0.05, **method})
 
 
 VARIANTS = [(n, {}) for n in ALL if n != "caat"] + [("caat", v) for v in CAAT_VARIANTS]

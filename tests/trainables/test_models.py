@@ -46,7 +46,7 @@ def test_input_shape_must_match_in_channels():
 
 
 def test_register_model_rejects_duplicates():
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered twice"):
         models.register_model("mlp")(lambda c, i, s: nn.Identity())
 
 

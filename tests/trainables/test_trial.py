@@ -112,7 +112,7 @@ class Exploding(Method):
 
 
 def test_non_finite_loss_names_the_epoch(tmp_path, fmnist_small, monkeypatch):
-    monkeypatch.setitem(methods.METHODS, Exploding.name, Exploding)
+    monkeypatch.setitem(methods.METHODS.table, Exploding.name, Exploding)
     cfg = tiny_config(method={"name": Exploding.name})
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, batch 4: training loss is nan"):
         run_trial(cfg, DirectoryReporter(tmp_path), splits=fmnist_small)

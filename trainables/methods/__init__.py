@@ -5,22 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from trainables.methods.base import Batch, Method, MethodData, StepResult
+from trainables.registry import Registry
 
-METHODS: dict[str, type[Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method.name")
 
 
 def register(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+    return METHODS.register(cls.name)(cls)
 
 
 def build(name: str, model: nn.Module, cfg, data: MethodData) -> Method:
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        allowed = ", ".join(sorted(METHODS))
-        raise ValueError(f"method.name: unknown {name!r}; allowed: {allowed}") from None
-    return cls(model, cfg, data)
+    return METHODS.get(name)(model, cfg, data)
 
 
 # Importing the modules registers them.
