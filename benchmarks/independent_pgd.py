@@ -6,8 +6,9 @@ the same model and test set, the reported robust accuracy is not an artefact of 
 
     python benchmarks/independent_pgd.py RUN_DIR [RUN_DIR ...]
 
-RUN_DIR is a `caat-sweep train --out` directory (model.pt and metrics.json); the test split
-is reloaded from the config recorded in metrics.json.
+RUN_DIR is a `caat-sweep train --out` directory, or a trial directory of
+benchmarks/noise_imbalance_table.py (model.pt and metrics.json); the test split (or the
+trial's fixed `dataset.test_size` subset) is reloaded from the config in metrics.json.
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ def main() -> None:
     from trainables.config import load_config
     from trainables.data import load
     from trainables.models import load_checkpoint
+    from trainables.trial import evaluated_test_split
 
     for run in sys.argv[1:]:
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         cfg = load_config(metrics["config"])
         model = load_checkpoint(Path(run) / "model.pt")
-        test = load(cfg.dataset, seed=cfg.runtime.seed)
-        acc = independent_pgd_accuracy(model, test.test_x, test.test_y, eps=cfg.eval_eps,
+        test_x, test_y = evaluated_test_split(cfg, load(cfg.dataset, seed=cfg.runtime.seed))
+        acc = independent_pgd_accuracy(model, test_x, test_y, eps=cfg.eval_eps,
                                        alpha=cfg.eval_step_size, iters=cfg.eval.steps)
         print(f"{run}: method {cfg.method.name}, eps {cfg.eval_eps:.4f}, PGD-{cfg.eval.steps}: "
               f"reported robust acc {metrics['robust_acc']:.4f}, independent {acc:.4f}, "

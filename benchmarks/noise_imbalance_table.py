@@ -56,6 +56,7 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
 
 def run_one(cfg: dict, out: str) -> tuple[str, float]:
     """One trial in a worker process (resumes from its checkpoint if one is there)."""
+    from trainables.models import save_checkpoint
     from trainables.trial import DirectoryReporter, run_trial
 
     t0 = time.perf_counter()
@@ -65,6 +66,8 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
                if k.startswith("test_")}
     metrics["config"] = cfg
     metrics["seconds"] = time.perf_counter() - t0
+    # The model too, for benchmarks/independent_pgd.py's cross-check of robust_acc.
+    save_checkpoint(result.model, Path(out) / "model.pt")
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return out, metrics["seconds"]
 

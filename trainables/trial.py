@@ -83,6 +83,17 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).contiguous(memory_format=torch.channels_last)
 
 
+def evaluated_test_split(cfg: TrialConfig, splits: data_mod.DatasetSplits
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels a trial evaluates on (CPU): the whole split, or the fixed
+    subset `dataset.test_size` asks for."""
+    if cfg.dataset.test_size is None:
+        return splits.test_x, splits.test_y
+    keep = torch.as_tensor(pick_test_subset(splits.test_y.numpy(), splits.num_classes,
+                                            cfg.dataset.test_size))
+    return splits.test_x[keep], splits.test_y[keep]
+
+
 def build_problem(cfg: TrialConfig, device: torch.device,
                   splits: data_mod.DatasetSplits | None = None) -> Problem:
     """Load (or take) the dataset, build the seeded scenario, move its splits to ``device``."""
@@ -101,11 +112,7 @@ def build_problem(cfg: TrialConfig, device: torch.device,
     def labels(y: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(y, dtype=torch.int64, device=device)
 
-    test_x, test_y = splits.test_x, splits.test_y
-    if cfg.dataset.test_size is not None:
-        keep = torch.as_tensor(pick_test_subset(test_y.numpy(), splits.num_classes,
-                                           cfg.dataset.test_size))
-        test_x, test_y = test_x[keep], test_y[keep]
+    test_x, test_y = evaluated_test_split(cfg, splits)
     augment = splits.augment if cfg.dataset.augment is None else cfg.dataset.augment
     return Problem(
         train_x=take(scenario.train_idx), train_y=labels(scenario.train_labels),
