@@ -892,6 +892,9 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
         ax.set_ylabel(_robust_label(summary))
         ax.grid(alpha=0.3)
         ax.margins(0.15)
+        # A wide std bar must not stretch an axis past what an accuracy can be.
+        ax.set_xlim(max(ax.get_xlim()[0], 0), min(ax.get_xlim()[1], 100))
+        ax.set_ylim(max(ax.get_ylim()[0], 0), min(ax.get_ylim()[1], 100))
     for ax in list(axes.flat)[len(scenarios):]:
         ax.set_visible(False)
     fig.legend(handles.values(), handles.keys(), loc="lower center",
