@@ -45,9 +45,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None:
         tqdm.write(f"resuming from {resume}")
 
+    # Redirected to a file (nohup, a batch job), a bar redrawn 10 times a second would fill
+    # the log: there it updates every 30 s.
+    refresh = 0.1 if sys.stderr.isatty() else 30.0
+
     def progress(it, *, epoch: int, total: int):
         return tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+                    unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr,
+                    mininterval=refresh)
 
     result = run_trial(cfg, reporter, progress=progress)
     final = final_metrics(result.metrics)
