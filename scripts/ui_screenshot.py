@@ -225,6 +225,11 @@ def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
                      timeout, "the runs table")
     # The page keeps its view state in localStorage under a key naming the experiment;
     # editing the state it wrote itself (rather than writing one) keeps every other field.
+    # It writes that state a moment after the table shows (later on a loaded machine): wait
+    # for it, or the edit finds nothing and the parent run stays collapsed.
+    state_key = f"""k => k.endsWith('ExperimentPage-["{exp_id}"]-ReactComponentState')"""
+    browser.wait_for(f"Object.keys(localStorage).some({state_key})", timeout,
+                     "the page's stored view state")
     state = {"selectedColumns": columns, "runsExpanded": {parent: True} if parent else {},
              # Widths wide enough for names and values; MLflow applies stored widths only to
              # the columns of a stored order.
@@ -232,9 +237,8 @@ def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
              "columnWidths": {c: 140 if c.startswith("metrics.") else 90 for c in columns}}
     if "tags.`cell`" in columns:
         state["columnWidths"]["tags.`cell`"] = 210
-    browser.js(f"""(() => {{
-        const key = Object.keys(localStorage).find(
-            k => k.endsWith('ExperimentPage-["{exp_id}"]-ReactComponentState'));
+    edit = f"""(() => {{
+        const key = Object.keys(localStorage).find({state_key});
         if (key) {{
             const s = JSON.parse(localStorage.getItem(key));
             Object.assign(s, {json.dumps(state)});
@@ -244,14 +248,29 @@ def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
         localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
         localStorage.setItem('mlflow.workflowType_v1', '"machine_learning"');
         return Boolean(key);
-    }})()""")
-    browser.send("Page.reload")
-    browser.wait_for("document.body && document.body.innerText.includes('matching runs')",
-                     timeout, "the runs table after reload")
-    if trials:
+    }})()"""
+    # The page may save its in-memory state over our edit before the reload (a CI run on a
+    # loaded machine once never showed the trials): then the parent is still collapsed
+    # after the reload, and we edit again.
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        browser.js(edit)
+        browser.send("Page.reload")
+        browser.wait_for("document.body && document.body.innerText.includes('matching runs')",
+                         timeout, "the runs table after reload")
+        if not trials:
+            break
         first = json.dumps(sorted(trials)[0])
-        browser.wait_for(f"document.body.innerText.includes({first})", timeout,
-                         "the trial runs under the sweep's parent run")
+        try:
+            browser.wait_for(f"document.body.innerText.includes({first})",
+                             timeout if attempt == attempts else min(timeout, 30.0),
+                             "the trial runs under the sweep's parent run")
+            break
+        except RuntimeError:
+            if attempt == attempts:
+                raise
+            print(f"ui_screenshot: the parent run is still collapsed after reload {attempt}; "
+                  "setting the view state again", file=sys.stderr)
     time.sleep(1.0)  # let the grid finish laying out its columns
 
 
