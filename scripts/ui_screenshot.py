@@ -217,7 +217,7 @@ def sweep_runs(uri: str, name: str) -> tuple[str, str | None, list[str]]:
     return exp.experiment_id, parent, trials
 
 
-def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
+def show_sweep(browser: Browser, base: str, exp_id: str, exp_name: str, parent: str | None,
                trials: list[str], columns: list[str], timeout: float) -> None:
     """Load the runs page, then set MLflow's stored view state for it and reload."""
     browser.open(f"{base}/#/experiments/{exp_id}/runs")
@@ -271,6 +271,10 @@ def show_sweep(browser: Browser, base: str, exp_id: str, parent: str | None,
                 raise
             print(f"ui_screenshot: the parent run is still collapsed after reload {attempt}; "
                   "setting the view state again", file=sys.stderr)
+    # The experiment's name comes from a request of its own, which can answer after the
+    # runs on a loaded machine.
+    browser.wait_for(f"document.body.innerText.includes({json.dumps(exp_name)})", timeout,
+                     "the experiment's name")
     time.sleep(1.0)  # let the grid finish laying out its columns
 
 
@@ -307,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_until_up(base, ui, args.timeout)
         browser = Browser(binary, (width, height))
-        show_sweep(browser, base, exp_id, parent, trials, args.columns.split(","),
-                   args.timeout)
+        show_sweep(browser, base, exp_id, f"caat-sweep/{args.name}", parent, trials,
+                   args.columns.split(","), args.timeout)
         if args.dom:
             Path(args.dom).write_text(browser.js("document.documentElement.outerHTML"))
             print(f"DOM of {base}/#/experiments/{exp_id}/runs -> {args.dom}")
