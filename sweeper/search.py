@@ -672,7 +672,7 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
         run_config=tune.RunConfig(
             name=plan.name, storage_path=manifest.storage, callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=plan.space.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.space.keep_checkpoints),
             progress_reporter=reporter, verbose=options.verbose))
 
 

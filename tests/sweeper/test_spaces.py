@@ -31,6 +31,14 @@ def test_shipped_spaces_parse_and_expand(name, n_cells, first):
     assert len({c.id for c in plan.cells}) == n_cells
 
 
+def test_checkpoints_kept_all_by_default_and_bounded_for_cifar():
+    # All kept: a driver killed between Ray's deletion of an old checkpoint and its next
+    # state save cannot strand a trial (the CIFAR spaces trade that for bounded storage).
+    assert load_space(SPACES / "quick.yaml").space.keep_checkpoints is None
+    for name in ("cifar10_noise.yaml", "cifar10_imbalance.yaml", "cifar10_bounds.yaml"):
+        assert load_space(SPACES / name).space.keep_checkpoints == 3
+
+
 def test_quick_space_is_the_cpu_demo():
     plan = load_space(SPACES / "quick.yaml")
     assert plan.name == "quick"
@@ -149,6 +157,8 @@ BAD = [
      "selection.metric: allowed: 'val_robust_acc'"),
     ("trials per cell 0", _edit(("trials_per_cell",), 0),
      "trials_per_cell: Input should be greater than or equal to 1"),
+    ("keep no checkpoints", _edit(("keep_checkpoints",), 0),
+     "keep_checkpoints: Input should be greater than or equal to 1"),
     ("gpu share", _edit(("resources",), {"gpu": 1.5}),
      "resources.gpu: needs a fraction of one GPU or a whole number"),
     ("repeated seeds", _edit(("confirm",), {"seeds": [1, 1]}), "confirm.seeds: needs distinct"),
