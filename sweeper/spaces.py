@@ -29,7 +29,7 @@ runs (see `sweeper.search`). The format, with every key and its default::
     resources: {cpu: 1, gpu: 0}  # per trial; fractional GPUs allowed
     max_concurrent: null         # cap on concurrent trials (null: as resources allow)
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
-    keep_checkpoints: null       # per trial, newest first (null: all; see below)
+    keep_checkpoints: 2          # per trial, the newest (null: all; see below)
     optuna: {seed: 0, n_startup_trials: 10}
 
 Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, high, log?,
@@ -218,11 +218,12 @@ class SweepSpace(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     max_concurrent: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=2, ge=0)
-    # Ray deletes older checkpoints as new ones arrive but saves its experiment state only
-    # every few seconds (and every `keep_checkpoints` checkpoints): a driver killed between
-    # the two can leave that state naming a deleted checkpoint, and the trial then fails on
-    # resume. Keeping all (null) rules that out; big models set a number to bound storage.
-    keep_checkpoints: int | None = Field(default=None, ge=1)
+    # Ray deletes older checkpoints as new ones arrive and uploads its experiment state every
+    # `keep_checkpoints` checkpoints of a trial: a driver killed between the two can leave
+    # that state naming a deleted checkpoint, and the trial then fails on resume. Keeping
+    # all (null) rules that out, at the cost of storage and of a state uploaded less often
+    # (so more work is redone on resume).
+    keep_checkpoints: int | None = Field(default=2, ge=1)
     optuna: OptunaSpec = OptunaSpec()
 
     @field_validator("methods")

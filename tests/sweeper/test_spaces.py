@@ -31,10 +31,8 @@ def test_shipped_spaces_parse_and_expand(name, n_cells, first):
     assert len({c.id for c in plan.cells}) == n_cells
 
 
-def test_checkpoints_kept_all_by_default_and_bounded_for_cifar():
-    # All kept: a driver killed between Ray's deletion of an old checkpoint and its next
-    # state save cannot strand a trial (the CIFAR spaces trade that for bounded storage).
-    assert load_space(SPACES / "quick.yaml").space.keep_checkpoints is None
+def test_checkpoints_kept_per_trial():
+    assert load_space(SPACES / "quick.yaml").space.keep_checkpoints == 2
     for name in ("cifar10_noise.yaml", "cifar10_imbalance.yaml", "cifar10_bounds.yaml"):
         assert load_space(SPACES / name).space.keep_checkpoints == 3
 
