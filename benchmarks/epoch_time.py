@@ -134,7 +134,7 @@ def summary(b: Bench, floor: float) -> dict:
     passes = FLOOR_PASSES.get(b.name, lambda k: 1)(b.cfg.method.steps)
     return {"method": b.name, "K": b.cfg.method.steps, "epoch_s": epoch,
             "ms_batch": ms_per_batch, "samples_s": b.n_batches * b.cfg.optim.batch_size / epoch,
-            "floor_ms": floor, "passes": passes, "eff": passes * floor / ms_per_batch}
+            "passes": passes, "eff": passes * floor / ms_per_batch}
 
 
 def main() -> None:

@@ -27,12 +27,15 @@ sweeper 2, bare 1, bare 2, then again), and the medians are compared.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from sweeper.search import META, SharedSplits, data_key, sweep_trial
 from trainables.config import validate
@@ -79,9 +82,6 @@ def run(concurrency: int, args: argparse.Namespace, datasets: dict, storage: str
 
 def _bare_trial(cfg: dict) -> float:
     """One trial through `run_trial` with a throw-away directory reporter (no Ray)."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     from trainables.trial import DirectoryReporter, run_trial
@@ -94,9 +94,6 @@ def _bare_trial(cfg: dict) -> float:
 
 
 def run_bare(concurrency: int, args: argparse.Namespace) -> dict:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     cfg = trial_config(args)
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()  # worker start-up counts, as a Tuner's actors' does

@@ -203,18 +203,20 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def sweep_runs(uri: str, name: str) -> tuple[str, str | None, list[str]]:
-    """(experiment id, parent run id, trial run names) of the sweep."""
+def sweep_runs(uri: str, name: str) -> tuple[str, str, str | None, list[str]]:
+    """(experiment id, experiment name, parent run id, trial run names) of the sweep."""
     from mlflow.tracking import MlflowClient
 
+    from sweeper.tracking import EXPERIMENT_PREFIX
+
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(f"caat-sweep/{name}")
+    exp = client.get_experiment_by_name(EXPERIMENT_PREFIX + name)
     if exp is None:
         raise SystemExit(f"ui_screenshot: no sweep {name!r} in {uri}")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent = next((r.info.run_id for r in runs if r.data.tags.get("role") == "parent"), None)
     trials = [r.info.run_name for r in runs if r.data.tags.get("role") != "parent"]
-    return exp.experiment_id, parent, trials
+    return exp.experiment_id, exp.name, parent, trials
 
 
 def show_sweep(browser: Browser, base: str, exp_id: str, exp_name: str, parent: str | None,
@@ -253,14 +255,14 @@ def show_sweep(browser: Browser, base: str, exp_id: str, exp_name: str, parent: 
     # loaded machine once never showed the trials): then the parent is still collapsed
     # after the reload, and we edit again.
     attempts = 3
+    first = json.dumps(min(trials)) if trials else None
     for attempt in range(1, attempts + 1):
         browser.js(edit)
         browser.send("Page.reload")
         browser.wait_for("document.body && document.body.innerText.includes('matching runs')",
                          timeout, "the runs table after reload")
-        if not trials:
+        if first is None:
             break
-        first = json.dumps(sorted(trials)[0])
         try:
             browser.wait_for(f"document.body.innerText.includes({first})",
                              timeout if attempt == attempts else min(timeout, 30.0),
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = args.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    exp_id, parent, trials = sweep_runs(uri, args.name)
+    exp_id, exp_name, parent, trials = sweep_runs(uri, args.name)
     width, height = (int(v) for v in args.size.split(","))
 
     port = free_port()
@@ -311,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_until_up(base, ui, args.timeout)
         browser = Browser(binary, (width, height))
-        show_sweep(browser, base, exp_id, f"caat-sweep/{args.name}", parent, trials,
-                   args.columns.split(","), args.timeout)
+        show_sweep(browser, base, exp_id, exp_name, parent, trials, args.columns.split(","),
+                   args.timeout)
         if args.dom:
             Path(args.dom).write_text(browser.js("document.documentElement.outerHTML"))
             print(f"DOM of {base}/#/experiments/{exp_id}/runs -> {args.dom}")

@@ -46,6 +46,3 @@ class Registry(Generic[T]):
 
     def __iter__(self):
         return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self.table)
