@@ -5,12 +5,21 @@ Data flow, each step a small function on a plain DataFrame so that it can be tes
     load_sweep (MLflow)  ->  runs: one row per trial run (tags, final metrics, scenario params)
     select_runs          ->  the runs that count: a cell's finished confirmation runs, else its
                              single best finished tuning run by the sweep's selection metric
+    load_classwise       ->  each selected run's classwise.json (per-class lists)
+    load_directions      ->  the selected CAAT runs' per-epoch direction metrics (frac_anti,
+                             frac_anti_noisy / _clean, anti_noisy_auc), tidy; with
+                             class_direction_table (classwise.json's per-class anti share and
+                             bound, by epoch) the input of the caat_directions plots
     aggregate            ->  mean / std / n over seeds per scenario x method x metric
     paired_tests         ->  each method minus the reference (TRADES), paired by seed
     pareto_front         ->  methods whose (natural, robust) no other method dominates
     summarize            ->  the tidy summary (one row per scenario x method x metric) + notes
     write_outputs        ->  summary.csv / .md / .tex / .html, classwise.csv, selected_runs.csv,
-                             and the PNG plots
+                             and the PNG plots: tradeoff.png, classwise_<scenario>.png,
+                             vs_<factor>.png, caat_directions_<scenario>.png (CAAT's anti share
+                             over the epochs, noisy vs clean labels, its noisy-label AUC and,
+                             under imbalance, the per-class share and bound; only for
+                             scenarios whose CAAT runs logged them)
 
 Only finished runs count: pruned and failed trials never enter a table. Final metric values are
 the values at the last step (MLflow's latest value), i.e. the last evaluated epoch.
@@ -97,6 +106,7 @@ class SweepRuns:
     mode: str = "max"
     classwise: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # run_id -> lists
     notes: list[str] = field(default_factory=list)
+    directions: pd.DataFrame | None = None  # CAAT's per-epoch direction metrics (tidy)
 
 
 @dataclass
@@ -107,6 +117,9 @@ class Summary:
     classwise: pd.DataFrame  # scenario x method x class: mean per-class accuracies
     notes: list[str]
     reference: str = REFERENCE
+    # CAAT's direction diagnostics of the selected runs: per-epoch metrics and per-class lists.
+    directions: pd.DataFrame = field(default_factory=lambda: empty_directions())
+    class_directions: pd.DataFrame = field(default_factory=lambda: empty_class_directions())
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -521,8 +534,10 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     tidy = tidy[columns].rename(columns={"mean_diff": f"diff_vs_{reference}",
                                          "note": "test_note"}).reset_index(drop=True)
     classwise = classwise_table(selected, sweep.classwise)
+    directions, class_directions = direction_tables(sweep, selected)
     return Summary(tidy=tidy, selected=selected, scenarios=scenarios, classwise=classwise,
-                   notes=notes, reference=reference)
+                   notes=notes, reference=reference, directions=directions,
+                   class_directions=class_directions)
 
 
 def nothing_message(cov: pd.DataFrame, runs: pd.DataFrame) -> str:
@@ -1075,7 +1090,242 @@ def write_plots(summary: Summary, out: Path) -> list[Path]:
                                       out / f"classwise_{safe_name(scenario)}.png"))
     for factor in varied_factors(summary.scenarios):
         written.append(plot_vs_factor(summary, factor, out / f"vs_{factor}.png"))
+    for scenario in summary.scenarios["scenario"]:
+        written.append(plot_caat_directions(summary, scenario,
+                                            out / f"caat_directions_{safe_name(scenario)}.png"))
     return [p for p in written if p is not None]
+
+
+# --------------------------------------------------------------- CAAT direction diagnostics
+#
+# How CAAT splits its training samples between adversarial and anti-adversarial
+# perturbations, epoch by epoch: MLflow metric histories and classwise.json -> tidy tables ->
+# one plot per scenario (caat_directions_<scenario>.png). All of it lives in this section, so
+# that it can move to a module of its own; outside it are only the hooks: the `directions`
+# fields of SweepRuns and Summary, and one call each in summarize, write_plots and analyze.
+
+DIRECTION_METHOD = "caat"
+# Per-epoch scalars (step = epoch, 1-based) the plots read. The trainer logs more
+# (meta_pref_noisy_auc, meta_grad_norm, meta_active_frac) that no plot shows yet.
+DIRECTION_METRICS = ("frac_anti", "frac_anti_noisy", "frac_anti_clean", "anti_noisy_auc")
+DIRECTION_COLUMNS = ["run_id", "scenario", "method", "seed", "metric", "epoch", "value"]
+# classwise.json: per-class lists by observed label (last epoch) and `<key>_by_epoch` histories.
+CLASS_DIRECTION_KEYS = ("train_class_frac_anti", "train_class_mean_eps")
+# `last`: the run's last epoch; `epoch` is NaN for a last-epoch list without its history.
+CLASS_DIRECTION_COLUMNS = ["run_id", "scenario", "method", "seed", "metric", "epoch", "class",
+                           "value", "last"]
+_SHARES = {"frac_anti": ("all samples", "black"), "frac_anti_noisy": ("noisy labels", "tab:red"),
+           "frac_anti_clean": ("clean labels", "tab:blue")}
+
+
+def empty_directions() -> pd.DataFrame:
+    return pd.DataFrame(columns=DIRECTION_COLUMNS)
+
+
+def empty_class_directions() -> pd.DataFrame:
+    return pd.DataFrame(columns=CLASS_DIRECTION_COLUMNS)
+
+
+def load_directions(uri: str, selected: pd.DataFrame,
+                    metrics: Sequence[str] = DIRECTION_METRICS) -> pd.DataFrame:
+    """Per-epoch histories of `metrics` for the selected CAAT runs, one row per value
+    (columns DIRECTION_COLUMNS). The only MLflow calls of this section."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    rows = []
+    runs = selected[selected["method"].eq(DIRECTION_METHOD)]
+    for run_id, scenario, method, seed in zip(runs["run_id"], runs["scenario"], runs["method"],
+                                              runs["seed"], strict=True):
+        for metric in metrics:
+            rows += [{"run_id": run_id, "scenario": scenario, "method": method, "seed": seed,
+                      "metric": metric, "epoch": m.step, "value": m.value}
+                     for m in client.get_metric_history(run_id, metric)]
+    return direction_frame(rows)
+
+
+def direction_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> the tidy history table, ordered by run, metric and epoch."""
+    frame = pd.DataFrame(list(rows), columns=DIRECTION_COLUMNS)
+    frame["epoch"] = frame["epoch"].astype(int)
+    frame["value"] = frame["value"].astype(float)
+    return frame.sort_values(["run_id", "metric", "epoch"], ignore_index=True)
+
+
+def class_direction_table(selected: pd.DataFrame,
+                          classwise: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """The selected CAAT runs' per-class training diagnostics, one row per run x metric x
+    epoch x class (columns CLASS_DIRECTION_COLUMNS; JSON null or NaN -> NaN)."""
+    rows = []
+    runs = selected[selected["method"].eq(DIRECTION_METHOD)]
+    for run_id, scenario, method, seed in zip(runs["run_id"], runs["scenario"], runs["method"],
+                                              runs["seed"], strict=True):
+        lists = classwise.get(run_id, {})
+        ident = {"run_id": run_id, "scenario": scenario, "method": method, "seed": seed}
+        for key in CLASS_DIRECTION_KEYS:
+            history = lists.get(f"{key}_by_epoch")
+            if history:
+                epochs = [(float(e), values, e == len(history))
+                          for e, values in enumerate(history, start=1)]
+            elif lists.get(key):
+                epochs = [(math.nan, lists[key], True)]
+            else:
+                continue
+            for epoch, values, last in epochs:
+                rows += [{**ident, "metric": key, "epoch": epoch, "class": c, "value": v,
+                          "last": last}
+                         for c, v in enumerate(np.asarray(values, dtype=float))]
+    frame = pd.DataFrame(rows, columns=CLASS_DIRECTION_COLUMNS)
+    frame["value"] = frame["value"].astype(float)
+    return frame
+
+
+def direction_tables(sweep: SweepRuns, selected: pd.DataFrame) -> tuple[pd.DataFrame,
+                                                                         pd.DataFrame]:
+    """The histories of the selected runs (whatever `sweep.directions` holds besides) and
+    their per-class diagnostics from `sweep.classwise`."""
+    history = sweep.directions if sweep.directions is not None else empty_directions()
+    history = history[history["run_id"].isin(selected["run_id"])].reset_index(drop=True)
+    return history, class_direction_table(selected, sweep.classwise)
+
+
+def direction_means(history: pd.DataFrame) -> pd.DataFrame:
+    """Mean over a cell's runs per epoch (NaN values left out; n = the runs that count)."""
+    values = history.dropna(subset=["value"])
+    grouped = values.groupby(["scenario", "method", "metric", "epoch"], sort=True)["value"]
+    return grouped.agg(mean="mean", n="count").reset_index()
+
+
+def class_means_by_epoch(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """epoch x class: the mean over runs of a per-class diagnostic (NaN classes left out)."""
+    rows = table[table["metric"].eq(metric) & table["epoch"].notna()]
+    return rows.pivot_table(index="epoch", columns="class", values="value", aggfunc="mean",
+                            dropna=False)
+
+
+def class_means_at_last(table: pd.DataFrame, metric: str) -> pd.Series:
+    """class -> the mean over runs of a per-class diagnostic at each run's last epoch."""
+    rows = table[table["metric"].eq(metric) & table["last"].astype(bool)]
+    return rows.groupby("class", sort=True)["value"].mean()
+
+
+def _seed_lines(ax: Any, history: pd.DataFrame, metric: str, colour: Any, label: str,
+                scale: float = 1.0) -> None:
+    """Each run faint, the mean over runs bold (one run: just its line)."""
+    rows = history[history["metric"].eq(metric)]
+    if rows["run_id"].nunique() > 1:
+        for _run, run in rows.groupby("run_id", sort=True):
+            ax.plot(run["epoch"], scale * run["value"], color=colour, alpha=0.25, linewidth=1)
+    means = direction_means(rows)
+    n = int(means["n"].max()) if len(means) else 0
+    ax.plot(means["epoch"], scale * means["mean"], color=colour, linewidth=2, marker="o",
+            markersize=4, label=f"{label} (n={n})")
+
+
+def _class_colours(num_classes: int) -> list[Any]:
+    import matplotlib
+
+    if num_classes <= 10:
+        return list(matplotlib.colormaps["tab10"].colors[:num_classes])
+    if num_classes <= 20:
+        return list(matplotlib.colormaps["tab20"].colors[:num_classes])
+    return [matplotlib.colormaps["viridis"](c / (num_classes - 1)) for c in range(num_classes)]
+
+
+def _share_panel(ax: Any, history: pd.DataFrame) -> None:
+    present = set(history["metric"])
+    if "frac_anti_noisy" in present:
+        metrics = [m for m in _SHARES if m in present]
+    else:  # no label noise: the clean share is the overall share again
+        metrics = ["frac_anti"] if "frac_anti" in present else ["frac_anti_clean"]
+    for metric in metrics:
+        label, colour = _SHARES[metric]
+        _seed_lines(ax, history, metric, colour, label, scale=100.0)
+    ax.set_ylabel("sent anti-adversarial (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Anti-adversarial share of training samples", fontsize=11, loc="left")
+    ax.legend(fontsize=9, frameon=False)
+
+
+def _auc_panel(ax: Any, history: pd.DataFrame) -> None:
+    _seed_lines(ax, history, "anti_noisy_auc", "tab:purple", "anti score vs noisy label")
+    ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1, label="chance")
+    ax.set_ylabel("ROC AUC")
+    ax.set_ylim(0, 1)
+    ax.set_title("Anti score as a detector of noisy labels", fontsize=11, loc="left")
+    ax.legend(fontsize=9, frameon=False)
+
+
+def _class_share_panel(ax: Any, by_epoch: pd.DataFrame, names: list[str]) -> None:
+    colours = _class_colours(len(names))
+    for c in by_epoch.columns:
+        ax.plot(by_epoch.index, 100 * by_epoch[c], color=colours[int(c)], marker="o",
+                markersize=3, linewidth=1.5, label=names[int(c)])
+    ax.set_ylabel("sent anti-adversarial (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title("Anti-adversarial share per class (observed label)", fontsize=11, loc="left")
+    if len(names) <= 20:
+        ax.legend(fontsize=8, ncol=2, frameon=False)
+
+
+def _class_eps_panel(ax: Any, last: pd.Series, names: list[str]) -> None:
+    colours = _class_colours(len(names))
+    classes = last.index.to_numpy(int)
+    ax.bar(classes, last.to_numpy(float), color=[colours[c] for c in classes])
+    ax.set_xticks(classes, [names[c] for c in classes], rotation=30 if len(names) > 6 else 0,
+                  ha="right" if len(names) > 6 else "center")
+    ax.set_ylabel("mean eps_i")
+    ax.set_title("Mean perturbation bound per class, last epoch", fontsize=11, loc="left")
+
+
+def plot_caat_directions(summary: Summary, scenario: str, path: Path) -> Path | None:
+    """CAAT's anti-adversarial share over the epochs (noisy vs clean labels), the anti
+    score's AUC for noisy labels and, under imbalance, the per-class share and bound.
+    None (nothing written) when the scenario's CAAT runs logged none of it."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    history = summary.directions[summary.directions["scenario"].eq(scenario)]
+    history = history.dropna(subset=["value"])
+    table = summary.class_directions[summary.class_directions["scenario"].eq(scenario)]
+    srow = summary.scenarios.set_index("scenario").loc[scenario]
+    panels: list[tuple[Any, bool]] = []  # (draw(ax), x axis is the epoch)
+    shares = history[history["metric"].isin(list(_SHARES))]
+    if len(shares):
+        panels.append((lambda ax: _share_panel(ax, shares), True))
+    auc = history[history["metric"].eq("anti_noisy_auc")]
+    if len(auc):
+        panels.append((lambda ax: _auc_panel(ax, auc), True))
+    ratio = srow.get("imbalance_ratio")
+    if ratio is not None and not pd.isna(ratio) and ratio > 1 and len(table):
+        names = class_names(srow.get("dataset"), int(table["class"].max()) + 1)
+        by_epoch = class_means_by_epoch(table, "train_class_frac_anti")
+        if by_epoch.notna().any().any():
+            panels.append((lambda ax: _class_share_panel(ax, by_epoch, names), True))
+        last_eps = class_means_at_last(table, "train_class_mean_eps").dropna()
+        if len(last_eps):
+            panels.append((lambda ax: _class_eps_panel(ax, last_eps, names), False))
+    if not panels:
+        return None
+    ncols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8.0 if ncols == 1 else 12.0,
+                                                    4.2 * nrows + 0.6), squeeze=False)
+    for ax, (draw, over_epochs) in zip(axes.flat, panels, strict=False):
+        draw(ax)
+        ax.grid(alpha=0.3)
+        if over_epochs:
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    desc = describe_scenario(srow)
+    fig.suptitle(f"{scenario}" + (f" ({desc})" if desc else "") + ": CAAT's directions; "
+                 "mean over seeds, faint: each seed", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -1110,7 +1360,9 @@ def analyze(name: str, out: str | Path, tracking_uri: str | None = None,
     if len(sweep.runs):
         # Only the runs that enter the tables need their artifact downloaded.
         selected = select_runs(sweep.runs, sweep.metric, sweep.mode)
-        sweep.classwise = load_classwise(resolve_tracking_uri(tracking_uri), selected["run_id"])
+        uri = resolve_tracking_uri(tracking_uri)
+        sweep.classwise = load_classwise(uri, selected["run_id"])
+        sweep.directions = load_directions(uri, selected)
     summary = summarize(sweep, reference)
     files = write_outputs(summary, out, title=f"Sweep {name}")
     return summary, files

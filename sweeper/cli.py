@@ -82,6 +82,11 @@ def format_epoch(m: dict[str, Any]) -> str:
              f"{m['train_samples_per_s']:.0f} samples/s"]
     if "frac_anti" in m:
         parts.append(f"anti {m['frac_anti']:.2f}")
+    if "frac_anti_noisy" in m:
+        parts.append(f"(noisy {m['frac_anti_noisy']:.2f} clean {m['frac_anti_clean']:.2f})")
+    for key, label in (("anti_noisy_auc", "auc"), ("meta_pref_noisy_auc", "meta-pref auc")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.2f}")
     for split in ("val", "test"):
         if f"{split}_natural_acc" in m:
             parts.append(f"{split} nat {m[f'{split}_natural_acc']:.4f} "

@@ -22,7 +22,10 @@ The schema below is a contract (`sweeper.analysis` and users' scripts read it):
   after a restore.
 - Artifact `classwise.json`: the last reported class-wise lists
   {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
-  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}.
+  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, and for CAAT the
+  training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
+  (last epoch) and their histories `train_class_frac_anti_by_epoch`,
+  `train_class_mean_eps_by_epoch` (one list per epoch).
 - Status FINISHED for completed and pruned trials, FAILED for failed ones. When a sweep
   (or a resume) ends, no run is left RUNNING: unfinished trials (an interrupted driver) are
   marked KILLED until a resume reopens them. A resumed driver finds each trial's run again
@@ -45,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from trainables.config import ConfigError
+from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,7 +59,8 @@ EXPERIMENT_PREFIX = "caat-sweep/"
 PARENT_TAG = "mlflow.parentRunId"
 OUTCOMES = ("completed", "pruned", "failed")
 CLASSWISE_KEYS = ("val_class_natural_acc", "val_class_robust_acc", "test_class_natural_acc",
-                  "test_class_robust_acc")
+                  "test_class_robust_acc", *CLASSWISE_DIAGNOSTICS,
+                  *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
 # Keys Ray Tune adds to every result; they are not trial metrics.
 RAY_KEYS = frozenset({
     "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore",

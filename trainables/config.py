@@ -80,8 +80,25 @@ class MethodConfig(_Strict):
     steps: int = Field(default=10, ge=1)
     beta: float = Field(default=6.0, ge=0.0)
     # CAAT / MWN meta-learning
+    # CAAT's training softmax: 0.001 makes the adversarial/anti choice nearly hard.
     temperature: float = Field(default=0.001, gt=0.0)
-    # Batches between meta steps (50, as the original code; small datasets want fewer).
+    # The softmax the meta gradient flows through (straight-through: training keeps the
+    # hard choice at `temperature`). None: through the training softmax itself, as the
+    # original, where a saturated softmax leaves almost no gradient.
+    meta_temperature: float | None = Field(default=1.0, gt=0.0)
+    # `adversarial`: the meta-net starts by sending every sample adversarial (CAAT begins
+    # as TRADES with FRL multipliers); `random`: PyTorch's default init, as the original,
+    # whose first split is a coin flip of the seed.
+    meta_init: Literal["adversarial", "random"] = "adversarial"
+    # How the meta-net standardises its features: `running` statistics (a sample's choice
+    # does not depend on the rest of its batch) or train-mode `batch` BatchNorm (original).
+    meta_norm: Literal["running", "batch"] = "running"
+    # Who picks each sample's direction (CAAT): the meta-net, or an ablation that keeps
+    # everything else: `random` (anti with probability anti_fraction, drawn every batch)
+    # or `loss_rank` (the anti_fraction of highest clean loss within each observed class).
+    direction_policy: Literal["meta", "random", "loss_rank"] = "meta"
+    anti_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    # Batches between meta steps (the original code: 50).
     meta_interval: int = Field(default=50, ge=1)
     meta_lr: float = Field(default=1e-3, gt=0.0)
     meta_hidden: int = Field(default=100, ge=1)

@@ -10,6 +10,7 @@ back through the virtual step into the meta-net only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,65 @@ Params = dict[str, torch.Tensor]
 NUM_CAAT_FEATURES = 6
 
 
-class MetaNet(nn.Module):
-    """BatchNorm -> MLP -> raw outputs; the caller decides what the outputs mean.
+class RunningStandardize(nn.Module):
+    """Standardise features by running mean and variance, updated only by ``observe``.
 
-    BatchNorm first because the features live on very different scales (losses, norms,
-    priors) and drift during training.
+    Unlike train-mode BatchNorm, the output for one sample does not depend on the other
+    samples of its batch, and the meta gradient sees the same map the choice was made with.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.05, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        if int(self.seen) == 0:  # the first batch sets the statistics outright
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+        else:
+            self.mean.lerp_(mean, self.momentum)
+            self.var.lerp_(var, self.momentum)
+        self.seen += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / (self.var + self.eps).sqrt()
+
+
+NORMS = ("running", "batch", "none")
+
+
+class MetaNet(nn.Module):
+    """Feature standardisation -> MLP -> raw outputs; the caller decides what they mean.
+
+    Standardised first because the features live on very different scales (losses, norms,
+    priors) and drift during training: `running` statistics, train-mode BatchNorm (`batch`,
+    as the original CAAT code) or nothing (`none`, as Meta-Weight-Net on its one loss).
     """
 
     def __init__(self, in_features: int, hidden: int, out_features: int, *,
-                 batch_norm: bool = True) -> None:
+                 norm: str = "batch") -> None:
         super().__init__()
-        norm = [nn.BatchNorm1d(in_features)] if batch_norm else []
-        self.net = nn.Sequential(*norm, nn.Linear(in_features, hidden), nn.ReLU(),
+        if norm not in NORMS:
+            raise ValueError(f"norm: unknown '{norm}'; allowed: {', '.join(NORMS)}")
+        self.norm = norm
+        layers: list[nn.Module] = {"running": [RunningStandardize(in_features)],
+                                   "batch": [nn.BatchNorm1d(in_features)], "none": []}[norm]
+        self.net = nn.Sequential(*layers, nn.Linear(in_features, hidden), nn.ReLU(),
                                  nn.Linear(hidden, out_features))
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.net[-1]
+
+    def observe(self, features: torch.Tensor) -> None:
+        """Fold a training batch's features into the running statistics (`running` only)."""
+        if self.norm == "running":
+            self.net[0].observe(features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
@@ -83,24 +130,40 @@ def call_with(model: nn.Module, params: Mapping[str, torch.Tensor],
     return functional_call(model, {**buffers, **params}, (x,))
 
 
+@dataclass
+class MetaStepStats:
+    loss: float  # the meta loss at the virtual weights
+    grad_norm: float  # L2 norm of the meta-net's gradient, over all its parameters
+    probe_grad: torch.Tensor | None  # d(meta loss)/d(probe), when a probe was given
+
+
 def meta_update(meta_net: nn.Module, meta_optimizer: torch.optim.Optimizer,
                 virtual_loss: torch.Tensor, params: Params,
                 meta_loss_at: Callable[[Params], torch.Tensor], *, lr: float,
-                weight_decay: float = 0.0) -> float:
+                weight_decay: float = 0.0, probe: torch.Tensor | None = None
+                ) -> MetaStepStats:
     """One meta step: virtual SGD step on ``virtual_loss`` (which must depend on the
     meta-net), ``meta_loss_at(virtual params)``, then an optimiser step of the meta-net only.
 
+    ``probe`` is any tensor of the virtual loss's graph (e.g. the per-sample combination
+    weights) whose meta gradient the caller wants to see; it costs no extra backward.
     The model's parameters' ``.grad`` fields are not touched (gradients are taken with
-    `torch.autograd.grad` w.r.t. the meta-net's parameters). Returns the meta loss.
+    `torch.autograd.grad` w.r.t. the meta-net's parameters).
     """
     virtual = virtual_step(virtual_loss, params, lr=lr, weight_decay=weight_decay)
     meta_loss = meta_loss_at(virtual)
     meta_params = [p for p in meta_net.parameters() if p.requires_grad]
+    inputs = meta_params + ([probe] if probe is not None else [])
     # retain_graph: the virtual loss may share its forward with the real training loss,
     # which the trial loop backpropagates afterwards.
-    grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(meta_loss, inputs, allow_unused=True, retain_graph=True)
     meta_optimizer.zero_grad(set_to_none=True)
-    for p, g in zip(meta_params, grads, strict=True):
+    sq = 0.0
+    for p, g in zip(meta_params, grads[:len(meta_params)], strict=True):
         p.grad = None if g is None else g.detach()
+        if g is not None:
+            sq += float(g.detach().pow(2).sum())
     meta_optimizer.step()
-    return meta_loss.item()
+    probe_grad = grads[-1] if probe is not None else None
+    return MetaStepStats(loss=meta_loss.item(), grad_norm=sq ** 0.5,
+                         probe_grad=None if probe_grad is None else probe_grad.detach())

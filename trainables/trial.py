@@ -29,6 +29,7 @@ from torch import nn
 from trainables import data as data_mod
 from trainables import methods, models
 from trainables.config import ConfigError, TrialConfig, validate
+from trainables.diagnostics import CLASSWISE_DIAGNOSTICS, EpochSamples, direction_diagnostics
 from trainables.metrics import evaluate
 from trainables.scenarios import Scenario, build_scenario, pick_test_subset
 
@@ -318,6 +319,9 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     method = methods.build(cfg.method.name, model, cfg, method_data(problem, device))
 
     start_epoch, history = 0, []
+    # Class-wise training diagnostics of every epoch (one list per epoch), for plots of
+    # how a method's per-class choices evolve; the last epoch's lists are reported as such.
+    by_epoch: dict[str, list[list[float]]] = {}
     if resume_dir is not None:
         state = load_state(resume_dir)
         model.load_state_dict(state["model"])
@@ -325,6 +329,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], list(state["history"])
+        by_epoch = {k: list(v) for k, v in state.get("by_epoch", {}).items()}
 
     n_batches = max(1, len(problem.train_y) // cfg.optim.batch_size)
     metrics: dict[str, Any] = history[-1] if history else {}
@@ -332,6 +337,10 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         train_stats = train_epoch(cfg, model, optimizer, method, problem, epoch, n_batches,
                                   device, progress)
         metrics = {"epoch": epoch + 1, **train_stats, **method.epoch_end(epoch)}
+        for key in CLASSWISE_DIAGNOSTICS:
+            if key in metrics:
+                by_epoch.setdefault(key, []).append(metrics[key])
+        metrics.update({f"{k}_by_epoch": v for k, v in by_epoch.items()})
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.eval.every == 0:
             metrics.update(evaluate_splits(cfg, model, problem, epoch, full=last))
@@ -339,7 +348,8 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         with tempfile.TemporaryDirectory(prefix="caat-ckpt-") as tmp:
             save_state(Path(tmp), model=model.state_dict(), optimizer=optimizer.state_dict(),
                        method=method.state_dict(), rng=rng_state(), epoch=epoch + 1,
-                       history=history, config=cfg.resolved(), spec=model.spec)
+                       history=history, by_epoch=by_epoch, config=cfg.resolved(),
+                       spec=model.spec)
             reporter.report(metrics, Path(tmp))
     model.eval()
     return TrialResult(metrics=metrics, history=history, model=model, problem=problem,
@@ -356,6 +366,7 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
     aug = epoch_generator(seed, epoch, STREAM_AUGMENT, device) if problem.augment else None
     total_steps = cfg.optim.epochs * n_batches
     loss_sum, seen, sums = 0.0, 0, {}
+    samples = EpochSamples(len(problem.train_y))
     t0 = time.perf_counter()
     it = batches(len(problem.train_y), cfg.optim.batch_size, order)
     for i, idx in enumerate(progress(it, epoch=epoch, total=n_batches) if progress else it):
@@ -379,10 +390,18 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
         seen += len(idx)
         for k, v in out.sums.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        if out.per_sample:
+            samples.add(idx, out.per_sample)
     elapsed = time.perf_counter() - t0
-    stats = {"train_loss": loss_sum / max(seen, 1),
-             "train_samples_per_s": seen / max(elapsed, 1e-9)}
+    stats: dict[str, Any] = {"train_loss": loss_sum / max(seen, 1),
+                             "train_samples_per_s": seen / max(elapsed, 1e-9)}
     stats.update({k: v / max(seen, 1) for k, v in sums.items()})
+    if samples:
+        # Ground-truth noise flags: diagnostics of what the method chose, never a loss.
+        pos, values = samples.arrays()
+        stats.update(direction_diagnostics(values, problem.scenario.train_labels[pos],
+                                           problem.scenario.is_noisy[pos],
+                                           problem.num_classes))
     return stats
 
 

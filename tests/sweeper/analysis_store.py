@@ -94,6 +94,56 @@ NOISY_TUNE = {
 
 NUM_CLASSES = 10
 
+# CAAT's per-epoch direction diagnostics (MLflow step = epoch, 1-based) of the runs the analysis
+# selects, per cell, by seed. clean and lt10 have no label noise: no frac_anti_noisy, no AUC.
+# noisy20 (uniform 20%): frac_anti = .2 * frac_anti_noisy + .8 * frac_anti_clean.
+# meta_grad_norm is logged as the trainer does, but no plot reads it.
+DIRECTIONS = {
+    ("clean", "caat"): [
+        {"frac_anti": [.10, .20, .30], "frac_anti_clean": [.10, .20, .30]},
+        {"frac_anti": [.15, .25, .40], "frac_anti_clean": [.15, .25, .40]},
+        {"frac_anti": [.05, .30, .35], "frac_anti_clean": [.05, .30, .35]},
+    ],
+    ("lt10", "caat"): [
+        {"frac_anti": [.20, .25, .30], "frac_anti_clean": [.20, .25, .30]},
+        {"frac_anti": [.22, .26, .28], "frac_anti_clean": [.22, .26, .28]},
+        {"frac_anti": [.18, .24, .32], "frac_anti_clean": [.18, .24, .32]},
+    ],
+    ("noisy20", "caat"): [
+        {"frac_anti": [.48, .40, .34], "frac_anti_noisy": [.60, .80, .90],
+         "frac_anti_clean": [.45, .30, .20], "anti_noisy_auc": [.55, .70, .85],
+         "meta_grad_norm": [3.0, 2.0, 1.0]},
+    ],
+}
+# The clean/caat tuning run is not selected (confirmation runs exist): its diagnostics must not
+# reach the plots.
+DECOY_DIRECTIONS = {"frac_anti": [.99, .99, .99], "frac_anti_clean": [.99, .99, .99]}
+# One class without training samples in one epoch of one run (seed, epoch, class): NaN there.
+EMPTY_CLASS = (1, 3, 9)
+
+
+def class_frac_anti(seed: int, epoch: int, cls: int) -> float:
+    if (seed, epoch, cls) == EMPTY_CLASS:
+        return float("nan")
+    return round(.05 * epoch + .02 * cls + .01 * seed, 4)
+
+
+def class_mean_eps(seed: int, epoch: int, cls: int) -> float:
+    if (seed, epoch, cls) == EMPTY_CLASS:
+        return float("nan")
+    return round(.1 * (1 + .1 * cls) + .001 * seed + .0001 * epoch, 6)
+
+
+def class_directions(seed: int, epochs: int = 3) -> dict:
+    """A CAAT run's per-class training diagnostics in classwise.json: histories + last epoch."""
+    out = {}
+    for key, value in (("train_class_frac_anti", class_frac_anti),
+                       ("train_class_mean_eps", class_mean_eps)):
+        history = [[value(seed, e, c) for c in range(NUM_CLASSES)] for e in range(1, epochs + 1)]
+        out[f"{key}_by_epoch"] = history
+        out[key] = history[-1]
+    return out
+
 
 def class_lists(m: dict) -> dict:
     """classwise.json of a run: per-class lists derived from its natural/robust accuracy."""
@@ -128,7 +178,8 @@ class StoreWriter:
 
     def trial(self, exp: str, parent_id: str, sweep: str, scenario: str, method: str, seed: int,
               phase: str, outcome: str, test: dict | None = None, val_robust: float | None = None,
-              epochs: int = 3) -> str:
+              epochs: int = 3, directions: dict | None = None,
+              classwise_extra: dict | None = None) -> str:
         self.counter += 1
         trial_id = f"{sweep}_{self.counter:04d}"
         tags = {"mlflow.parentRunId": parent_id, "sweep": sweep, "role": "trial",
@@ -164,13 +215,17 @@ class StoreWriter:
                 metrics.append(Metric("val_robust_acc", val if last else 0.99, 1000 + epoch,
                                       epoch))
                 metrics.append(Metric("train_loss", 1.0 / (epoch + 1), 1000 + epoch, epoch))
+        # CAAT's diagnostics: {metric: one value per epoch}, step = epoch (1-based).
+        for key, values in (directions or {}).items():
+            metrics += [Metric(key, v, 2000 + e, e) for e, v in enumerate(values, start=1)]
         self.client.log_batch(run_id, metrics=metrics,
                               params=[Param(k, str(v)) for k, v in params.items()],
                               tags=[RunTag("mlflow.runName", trial_id)])
         if test is not None and outcome == "completed":
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "classwise.json"
-                path.write_text(json.dumps(class_lists(test)))
+                # json writes NaN as NaN, as MLflow's log_dict does.
+                path.write_text(json.dumps({**class_lists(test), **(classwise_extra or {})}))
                 self.client.log_artifact(run_id, str(path))
         if outcome != "running":
             self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
@@ -185,18 +240,25 @@ def build_store(root: Path) -> str:
     exp, parent = w.sweep("toy")
     # clean: tuning runs that look great but must be ignored (confirmation runs exist).
     for method in ("erm", "pgd_at", "trades", "caat"):
+        decoy = DECOY_DIRECTIONS if method == "caat" else None
         w.trial(exp, parent, "toy", "clean", method, 0, "tune", "completed",
-                dict.fromkeys(METRIC_KEYS, 0.99), val_robust=0.99)
+                dict.fromkeys(METRIC_KEYS, 0.99), val_robust=0.99, directions=decoy)
     for (scenario, method), seeds in CONFIRM.items():
         for seed, test in enumerate(seeds):
-            w.trial(exp, parent, "toy", scenario, method, seed, "confirm", "completed", test)
+            caat = method == "caat"
+            w.trial(exp, parent, "toy", scenario, method, seed, "confirm", "completed", test,
+                    directions=DIRECTIONS[scenario, method][seed] if caat else None,
+                    classwise_extra=class_directions(seed) if caat else None)
     w.trial(exp, parent, "toy", "lt10", "erm", 1, "confirm", "completed", LT10_ERM_SEED1)
     w.trial(exp, parent, "toy", "lt10", "erm", 2, "confirm", "running")
     w.trial(exp, parent, "toy", "lt10", "mwn", 0, "tune", "failed")
     for method, trials in NOISY_TUNE.items():
         for seed, (val, test, outcome) in enumerate(trials):
+            caat = method == "caat" and outcome == "completed"
             w.trial(exp, parent, "toy", "noisy20", method, seed, "tune", outcome, test,
-                    val_robust=val)
+                    val_robust=val,
+                    directions=DIRECTIONS["noisy20", method][seed] if caat else None,
+                    classwise_extra=class_directions(seed) if caat else None)
 
     # Nothing finished yet: two trials running, one failed.
     exp, parent = w.sweep("early")
@@ -207,7 +269,8 @@ def build_store(root: Path) -> str:
     # Just launched: the parent run and no trials.
     w.sweep("empty")
 
-    # No TRADES at all: the paired tests are skipped, the rest is analysed.
+    # No TRADES at all: the paired tests are skipped, the rest is analysed. Its CAAT runs
+    # logged no direction diagnostics (a trainer from before them): no caat_directions plot.
     exp, parent = w.sweep("notrades")
     for method in ("erm", "caat"):
         for seed, test in enumerate(CONFIRM[("clean", method)]):

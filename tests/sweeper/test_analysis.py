@@ -9,16 +9,23 @@ import pytest
 
 from sweeper.analysis import (
     NothingToAnalyse,
+    Summary,
     SweepRuns,
     aggregate,
     best_flags,
+    class_direction_table,
+    class_means_at_last,
+    class_means_by_epoch,
     coverage,
     describe_scenario,
+    direction_frame,
+    direction_tables,
     factor_series,
     normalise_runs,
     paired_test,
     paired_tests,
     pareto_front,
+    plot_caat_directions,
     select_runs,
     summarize,
     tex_escape,
@@ -224,3 +231,91 @@ def test_factor_series_separates_bounds_and_skips_ambiguous_groups():
     # Two scenarios at the same noise rate on one would-be line: no line at all.
     twins = sc.drop(columns="eps")
     assert factor_series(twins, "noise_rate") == {}
+
+
+# ------------------------------------------------------------- CAAT direction diagnostics
+
+
+def caat_selected():
+    return frame(run("imb/caat", 0), run("imb/caat", 1), run("imb/caat", 2), run("imb/erm", 0),
+                 run("bal/caat", 0))
+
+
+def test_class_direction_table_reads_histories_nan_and_bare_last_lists():
+    sel = caat_selected()
+    ids = list(sel["run_id"])
+    classwise = {
+        # history: epoch 2 is the last; JSON null and NaN (a class without samples) -> NaN
+        ids[0]: {"train_class_frac_anti_by_epoch": [[0.1, 0.2], [0.3, None]],
+                 "train_class_frac_anti": [0.3, None],
+                 "train_class_mean_eps_by_epoch": [[0.1, 0.2], [0.1, math.nan]]},
+        # a last-epoch list without its history: no epoch, but it counts as the last one
+        ids[1]: {"train_class_mean_eps": [0.3, 0.4]},
+        # ids[2] has no artifact; the ERM run's lists are not CAAT's diagnostics
+        ids[3]: {"train_class_frac_anti_by_epoch": [[0.9, 0.9]]},
+    }
+    table = class_direction_table(sel, classwise)
+    assert set(table["run_id"]) == {ids[0], ids[1]}
+    frac = table[table["metric"].eq("train_class_frac_anti")].sort_values(["epoch", "class"])
+    assert list(frac["epoch"]) == [1, 1, 2, 2] and list(frac["class"]) == [0, 1, 0, 1]
+    assert frac["value"].iloc[:3].tolist() == [0.1, 0.2, 0.3] and math.isnan(frac["value"].iloc[3])
+    assert frac["last"].tolist() == [False, False, True, True]
+    by_epoch = class_means_by_epoch(table, "train_class_frac_anti")
+    assert by_epoch.loc[2.0, 0] == 0.3 and math.isnan(by_epoch.loc[2.0, 1])
+    # Last epoch per run, NaN left out: class 0 (0.1 + 0.3) / 2, class 1 only 0.4.
+    last = class_means_at_last(table, "train_class_mean_eps")
+    assert last.to_dict() == {0: pytest.approx(0.2), 1: pytest.approx(0.4)}
+    eps = table[table["metric"].eq("train_class_mean_eps") & table["run_id"].eq(ids[1])]
+    assert eps["epoch"].isna().all() and eps["last"].all()
+
+
+def test_direction_tables_keep_only_the_selected_runs():
+    sel = caat_selected()
+    history = direction_frame([
+        {"run_id": sel["run_id"][0], "scenario": "imb", "method": "caat", "seed": 0,
+         "metric": "frac_anti", "epoch": 1, "value": 0.5},
+        {"run_id": "not-selected", "scenario": "imb", "method": "caat", "seed": 0,
+         "metric": "frac_anti", "epoch": 1, "value": 0.9}])
+    sweep = SweepRuns(name="x", experiment_id="1", runs=sel, directions=history)
+    kept, classes = direction_tables(sweep, sel)
+    assert kept["value"].tolist() == [0.5] and not len(classes)
+    kept, _ = direction_tables(SweepRuns(name="x", experiment_id="1", runs=sel), sel)
+    assert not len(kept)
+
+
+def direction_summary(history, class_table):
+    scenarios = pd.DataFrame({"scenario": ["bal", "imb"], "noise_type": ["none", "none"],
+                              "noise_rate": [0.0, 0.0], "imbalance_ratio": [1.0, 10.0],
+                              "dataset": ["gmm", "gmm"]})
+    return Summary(tidy=pd.DataFrame(), selected=caat_selected(), scenarios=scenarios,
+                   classwise=pd.DataFrame(), notes=[], directions=history,
+                   class_directions=class_table)
+
+
+def test_caat_direction_plot_only_when_the_cell_logged_something(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sel = caat_selected()
+    ids = list(sel["run_id"])
+    lists = {"train_class_frac_anti_by_epoch": [[0.1, 0.2], [0.3, 0.4]],
+             "train_class_mean_eps_by_epoch": [[0.1, 0.2], [0.1, 0.3]]}
+    classes = class_direction_table(sel, {ids[0]: lists, ids[4]: lists})
+    summary = direction_summary(direction_frame([]), classes)
+    # Nothing logged per epoch and balanced: no per-class panel, so no (empty) figure.
+    assert plot_caat_directions(summary, "bal", tmp_path / "bal.png") is None
+    assert not (tmp_path / "bal.png").exists()
+    # Imbalanced: the per-class panels alone make a plot.
+    assert plot_caat_directions(summary, "imb", tmp_path / "imb.png") == tmp_path / "imb.png"
+    assert (tmp_path / "imb.png").read_bytes()[:4] == b"\x89PNG"
+    # Per-epoch shares on the balanced cell make one; NaN-only values do not.
+    nan_only = direction_frame([{"run_id": ids[4], "scenario": "bal", "method": "caat",
+                                 "seed": 0, "metric": "frac_anti", "epoch": 1,
+                                 "value": math.nan}])
+    assert plot_caat_directions(direction_summary(nan_only, classes), "bal",
+                                tmp_path / "nan.png") is None
+    shares = direction_frame([{"run_id": ids[4], "scenario": "bal", "method": "caat",
+                               "seed": 0, "metric": "frac_anti", "epoch": e, "value": v}
+                              for e, v in ((1, 0.2), (2, 0.4))])
+    assert plot_caat_directions(direction_summary(shares, classes), "bal",
+                                tmp_path / "bal.png") == tmp_path / "bal.png"

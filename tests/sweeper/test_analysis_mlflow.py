@@ -16,14 +16,30 @@ import pandas as pd
 import pytest
 from analysis_store import (
     CONFIRM,
+    DIRECTIONS,
+    EMPTY_CLASS,
     LT10_ERM_SEED1,
     METRIC_KEYS,
     NOISY_TUNE,
     NUM_CLASSES,
     build_store,
+    class_frac_anti,
     class_lists,
+    class_mean_eps,
 )
 
+from sweeper.analysis import (
+    DIRECTION_COLUMNS,
+    DIRECTION_METRICS,
+    class_direction_table,
+    class_means_at_last,
+    class_means_by_epoch,
+    direction_means,
+    load_classwise,
+    load_directions,
+    load_sweep,
+    select_runs,
+)
 from sweeper.cli import main
 
 LABELS = {"erm": "ERM", "pgd_at": "PGD-AT", "trades": "TRADES", "caat": "CAAT"}
@@ -323,7 +339,9 @@ def test_html_tables_print_the_same_numbers_and_show_the_plots(analysed):
     expected = [expected_rows("clean"), expected_diff_rows("clean"), expected_rows("lt10"),
                 expected_diff_rows("lt10"), expected_rows("noisy20")]
     assert parser.tables == expected
-    for png in ("tradeoff.png", "classwise_clean.png", "vs_noise_rate.png"):
+    for png in ("tradeoff.png", "classwise_clean.png", "vs_noise_rate.png",
+                "caat_directions_clean.png", "caat_directions_lt10.png",
+                "caat_directions_noisy20.png"):
         assert f"<img src='{png}'" in text
 
 
@@ -355,8 +373,10 @@ def test_plots_are_written_and_not_empty(analysed):
     import matplotlib.image as mpimg
 
     pngs = sorted(p.name for p in analysed.glob("*.png"))
-    assert pngs == ["classwise_clean.png", "classwise_lt10.png", "classwise_noisy20.png",
-                    "tradeoff.png", "vs_imbalance_ratio.png", "vs_noise_rate.png"]
+    assert pngs == ["caat_directions_clean.png", "caat_directions_lt10.png",
+                    "caat_directions_noisy20.png", "classwise_clean.png", "classwise_lt10.png",
+                    "classwise_noisy20.png", "tradeoff.png", "vs_imbalance_ratio.png",
+                    "vs_noise_rate.png"]
     for name in pngs:
         path = analysed / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -364,6 +384,105 @@ def test_plots_are_written_and_not_empty(analysed):
         assert image.shape[0] > 300 and image.shape[1] > 600
         # Not a blank canvas: a plot has many distinct colours.
         assert len({tuple(px) for px in image[::7, ::7].reshape(-1, image.shape[2])}) > 20
+
+
+# ----------------------------------------------------------------- CAAT direction diagnostics
+
+
+@pytest.fixture(scope="module")
+def caat_runs(store):
+    """The toy sweep's selected runs, their direction histories and classwise.json lists."""
+    sweep = load_sweep("toy", store)
+    selected = select_runs(sweep.runs, sweep.metric, sweep.mode)
+    return selected, load_directions(store, selected), load_classwise(store, selected["run_id"])
+
+
+def chosen_directions():
+    """(scenario, method) -> the diagnostics of the selected seeds, by hand (CELLS' seeds)."""
+    return {cell: {seed: per_seed[seed] for seed in CELLS[cell][1]}
+            for cell, per_seed in DIRECTIONS.items()}
+
+
+def test_direction_loader_returns_exactly_the_selected_caat_runs_histories(caat_runs):
+    selected, history, _ = caat_runs
+    assert list(history.columns) == DIRECTION_COLUMNS
+    want = sorted((scenario, method, seed, metric, epoch, value)
+                  for (scenario, method), seeds in chosen_directions().items()
+                  for seed, logged in seeds.items()
+                  for metric, values in logged.items() if metric in DIRECTION_METRICS
+                  for epoch, value in enumerate(values, start=1))
+    got = sorted(zip(history["scenario"], history["method"], history["seed"].astype(int),
+                     history["metric"], history["epoch"], history["value"], strict=True))
+    assert got == want
+    # Each row belongs to the selected CAAT run of its seed; the decoy tuning run (0.99
+    # everywhere) and metrics nobody asked for (meta_grad_norm) stay out.
+    caat = selected[selected["method"].eq("caat")]
+    assert (set(zip(history["run_id"], history["seed"], strict=True))
+            == set(zip(caat["run_id"], caat["seed"], strict=True)))
+    assert (history["value"] < 0.95).all()
+    assert set(history["metric"]) == set(DIRECTION_METRICS)
+
+
+def test_direction_means_over_seeds_are_the_hand_computed_ones(caat_runs):
+    got = {(r.scenario, r.method, r.metric, r.epoch): (r.mean, r.n)
+           for r in direction_means(caat_runs[1]).itertuples()}
+    want = {}
+    for (scenario, method), seeds in chosen_directions().items():
+        for metric in DIRECTION_METRICS:
+            runs = [logged[metric] for logged in seeds.values() if metric in logged]
+            for e in range(len(runs[0]) if runs else 0):
+                mean = sum(exact(values[e]) for values in runs) / len(runs)
+                want[scenario, method, metric, e + 1] = (mean, len(runs))
+    assert set(got) == set(want)
+    for key, (mean, n) in want.items():
+        assert got[key][0] == pytest.approx(float(mean), abs=1e-12), key
+        assert got[key][1] == n, key
+    # Two on paper: clean's share at epoch 3 is (.30 + .40 + .35) / 3; noisy20 has one run.
+    assert got["clean", "caat", "frac_anti", 3][0] == pytest.approx(.35, abs=1e-12)
+    assert got["noisy20", "caat", "anti_noisy_auc", 2] == (pytest.approx(.70, abs=1e-12), 1)
+    assert ("clean", "caat", "frac_anti_noisy", 1) not in got  # no noise, no noisy share
+
+
+def test_class_directions_are_the_means_of_the_selected_runs_histories(caat_runs):
+    selected, _, classwise = caat_runs
+    table = class_direction_table(selected, classwise)
+    assert set(table["scenario"]) == {"clean", "lt10", "noisy20"}
+    assert set(table["method"]) == {"caat"}
+    lt10 = table[table["scenario"].eq("lt10")]
+    seeds = sorted(CELLS["lt10", "caat"][1])
+    by_epoch = class_means_by_epoch(lt10, "train_class_frac_anti")
+    assert list(by_epoch.index) == [1, 2, 3]
+    assert list(by_epoch.columns) == list(range(NUM_CLASSES))
+    for epoch in (1, 2, 3):
+        for c in range(NUM_CLASSES):
+            # The class without samples (NaN) is left out of the mean, not counted as 0.
+            values = [exact(class_frac_anti(s, epoch, c)) for s in seeds
+                      if (s, epoch, c) != EMPTY_CLASS]
+            assert by_epoch.at[epoch, c] == pytest.approx(float(sum(values) / len(values)),
+                                                          abs=1e-12), (epoch, c)
+    seed, epoch, cls = EMPTY_CLASS
+    assert by_epoch.at[epoch, cls] == pytest.approx(
+        (class_frac_anti(0, epoch, cls) + class_frac_anti(2, epoch, cls)) / 2, abs=1e-12)
+    last = class_means_at_last(lt10, "train_class_mean_eps")
+    assert list(last.index) == list(range(NUM_CLASSES))
+    for c in range(NUM_CLASSES):
+        values = [exact(class_mean_eps(s, 3, c)) for s in seeds if (s, 3, c) != EMPTY_CLASS]
+        assert last[c] == pytest.approx(float(sum(values) / len(values)), abs=1e-12), c
+
+
+def test_analyze_plots_caat_directions_per_cell_with_the_imbalance_panel(analysed):
+    import matplotlib.image as mpimg
+
+    shapes = {p.name.removeprefix("caat_directions_").removesuffix(".png"):
+              mpimg.imread(p).shape[:2] for p in analysed.glob("caat_directions_*.png")}
+    # One plot per CAAT cell with diagnostics (the non-CAAT cells get none).
+    assert set(shapes) == {"clean", "lt10", "noisy20"}
+    # The panels show in the layout: clean has the share alone; noisy20 the share and the
+    # AUC side by side; lt10 (imbalance ratio 10) adds the per-class share and bound below.
+    (h_clean, w_clean), (h_noisy, w_noisy), (h_lt10, w_lt10) = (
+        shapes["clean"], shapes["noisy20"], shapes["lt10"])
+    assert h_noisy == h_clean and w_noisy > 1.3 * w_clean
+    assert h_lt10 > 1.6 * h_clean and w_lt10 == w_noisy
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -422,7 +541,8 @@ def test_sweep_without_trades_skips_the_paired_tests(store, tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert "Difference from TRADES (pp" not in text
     assert "- Difference from TRADES: ERM, CAAT: no trades runs in this scenario" in text
-    # One scenario, noise and imbalance not varied: only the plots that make sense.
+    # One scenario, noise and imbalance not varied: only the plots that make sense. Its CAAT
+    # runs logged no direction diagnostics: no (empty) caat_directions plot either.
     assert sorted(p.name for p in out.glob("*.png")) == ["classwise_clean.png", "tradeoff.png"]
 
 

@@ -7,7 +7,13 @@ from torch import nn
 
 from trainables import methods
 from trainables.meta import caat_features
-from trainables.methods.caat import caat_loss, rescale_perturbation
+from trainables.methods.caat import (
+    caat_loss,
+    combination_weights,
+    loss_rank_directions,
+    random_directions,
+    rescale_perturbation,
+)
 from trainables.methods.multipliers import (
     ClassMultipliers,
     MultiplierConfig,
@@ -33,12 +39,12 @@ def snapshot(module: nn.Module) -> dict:
 def test_meta_step_lowers_its_meta_loss_and_changes_only_the_meta_net(knobs):
     # A soft temperature so the weights have gradients; a meta lr large enough to see.
     model, method, batch = setup(temperature=1.0, meta_lr=0.05, **knobs)
-    terms = method.terms(batch)
+    terms = method.terms(batch, for_meta_step=True)
     model_before, meta_before = snapshot(model), snapshot(method.meta_net)
     losses = []
     for _ in range(4):
         torch.manual_seed(7)  # the same meta batch and attack starts every time
-        losses.append(method.caat_meta_step(terms, lr=0.5))
+        losses.append(method.caat_meta_step(terms, lr=0.5).loss)
     assert losses[-1] < losses[0], losses
     for k, v in snapshot(model).items():
         assert torch.equal(v, model_before[k]), f"model {k} changed"
@@ -50,6 +56,9 @@ def test_meta_step_lowers_its_meta_loss_and_changes_only_the_meta_net(knobs):
 
 class FixedChoice(nn.Module):
     """A stand-in meta-net: even positions adversarial, odd ones anti-adversarial."""
+
+    def observe(self, feats):
+        pass
 
     def forward(self, feats):
         out = torch.zeros(len(feats), 2)
@@ -129,7 +138,7 @@ def test_sample_bound_mode_keeps_every_eps_in_its_range():
     out = torch.tensor([[0.0, 0.0, -1e4], [0.0, 0.0, 1e4], [0.0, 0.0, 0.0]])
     eps = method.bounds(batch.y[:3], out)
     assert torch.allclose(eps, torch.tensor([0.05, 0.15, 0.1]))
-    terms = method.terms(batch)
+    terms = method.terms(batch, for_meta_step=True)
     assert ((terms.eps_i >= 0.05 - 1e-7) & (terms.eps_i <= 0.15 + 1e-7)).all()
     dist = (terms.x_pert.adv - batch.x).abs().flatten(1).max(1).values
     assert (dist <= terms.eps_i + 1e-6).all()
@@ -180,3 +189,131 @@ def test_class_mean_loss_feature_is_updated_every_epoch():
     for c in range(4):
         assert method.class_mean_loss[c] == pytest.approx(terms_ce[batch.y == c].mean().item(),
                                                           rel=0.2)
+
+
+# ------------------------------------------------------------- a split that is learned
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, -1e6])
+def test_adversarial_init_sends_no_sample_anti_whatever_the_features(scale):
+    _, method, batch = setup(meta_init="adversarial")
+    torch.manual_seed(5)
+    feats = scale * torch.randn(500, 6) + torch.linspace(-3, 3, 500).unsqueeze(1)
+    method.meta_net.observe(feats)
+    out = method.meta_net(feats)
+    anti, _ = method.directions(out, feats[:, 0], torch.arange(500) % 4)
+    assert not anti.any()
+    # And a real first training batch trains every sample adversarially.
+    assert method.step(batch, lr=0.1).sums["frac_anti"] == 0
+
+
+def test_random_init_is_a_coin_flip_that_puts_a_batch_on_one_side():
+    # The failure `meta_init: adversarial` fixes: at PyTorch's default init, nearly every
+    # sample lands on the same side, and which side depends on the seed.
+    sides = []
+    for seed in range(8):
+        _, method, batch = setup(meta_init="random", seed=seed)
+        sides.append(method.step(batch, lr=0.1).sums["frac_anti"] / len(batch.y))
+    assert min(sides) < 0.2 and max(sides) > 0.8, sides
+
+
+def test_straight_through_keeps_a_meta_gradient_for_saturated_samples():
+    out = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 0.9]], requires_grad=True)
+    hard = combination_weights(out, temperature=1e-3)
+    # Forward: the hard choice at the training temperature, with or without straight-through.
+    st = combination_weights(out, temperature=1e-3, meta_temperature=1.0)
+    assert torch.allclose(st, hard) and torch.allclose(hard[:2], torch.tensor([[1.0, 0], [0, 1]]))
+    (g_hard,) = torch.autograd.grad(hard[:, 1].sum(), out)
+    (g_st,) = torch.autograd.grad(st[:, 1].sum(), out)
+    assert g_hard[:2].abs().max() < 1e-30  # saturated: no gradient at all without it
+    soft = torch.softmax(out.detach(), dim=1)[:, 1]
+    assert torch.allclose(g_st[:, 1], soft * (1 - soft))  # the softmax at T = 1
+    assert (g_st[:2].abs() > 0.04).all()
+
+
+def test_meta_step_moves_an_adversarially_initialised_net_only_with_straight_through():
+    grads = {}
+    for meta_temperature in (None, 1.0):
+        _, method, batch = setup(meta_init="adversarial", meta_temperature=meta_temperature)
+        terms = method.terms(batch, for_meta_step=True)
+        head = method.meta_net.head.weight.clone()
+        torch.manual_seed(1)
+        stats = method.caat_meta_step(terms, lr=0.5)
+        grads[meta_temperature] = stats.grad_norm
+        moved = not torch.equal(method.meta_net.head.weight, head)
+        assert moved == (meta_temperature is not None)
+        # The per-sample preference is read off the same backward pass.
+        assert stats.probe_grad is not None and stats.probe_grad.shape == (len(batch.y), 2)
+    assert grads[None] == 0.0 and grads[1.0] > 0
+
+
+def test_running_norm_makes_a_choice_independent_of_the_rest_of_the_batch():
+    outs = {}
+    for norm in ("running", "batch"):
+        _, method, _ = setup(meta_init="random", meta_norm=norm)
+        torch.manual_seed(0)
+        feats = torch.randn(64, 6)
+        method.meta_net.observe(feats)
+        with torch.no_grad():
+            whole = method.meta_net(feats)[:8]
+            part = method.meta_net(torch.cat([feats[:8], 5 + feats[8:16]]))[:8]
+        outs[norm] = torch.allclose(whole, part)
+    assert outs == {"running": True, "batch": False}
+
+
+def test_a_meta_step_batch_gets_both_directions_and_trains_on_the_chosen_ones():
+    _, method, batch = setup(arch="mlp", meta_interval=1)
+    method.meta_net = FixedChoice()
+    torch.manual_seed(3)
+    plain = method.terms(batch)
+    torch.manual_seed(3)
+    full = method.terms(batch, for_meta_step=True)
+    assert plain.x_pert.shared and not full.x_pert.shared
+    # Where the choice is hard, training sees the same examples either way.
+    assert torch.allclose(plain.kl, full.kl, atol=1e-6)
+    assert torch.allclose(plain.ce_anti, full.ce_anti, atol=1e-6)
+    # The anti examples lower the loss, the adversarial ones raise the KL.
+    ce_adv_side = torch.nn.functional.cross_entropy(method.model(full.x_pert.adv), batch.y)
+    ce_anti_side = torch.nn.functional.cross_entropy(method.model(full.x_pert.anti), batch.y)
+    assert ce_anti_side < ce_adv_side
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.6, 1.0])
+def test_random_policy_hits_its_anti_fraction(fraction):
+    g = torch.Generator().manual_seed(0)
+    anti, score = random_directions(20_000, fraction, generator=g)
+    assert anti.float().mean().item() == pytest.approx(fraction, abs=0.015)
+    assert torch.equal(anti, score > -fraction)  # higher score: anti
+    # Drawn afresh every batch: two draws differ.
+    again, _ = random_directions(20_000, fraction, generator=g)
+    assert 0 < fraction < 1 and not torch.equal(anti, again) or fraction in (0.0, 1.0)
+
+
+def test_loss_rank_picks_the_highest_losses_within_each_class():
+    # Class 1's losses are all higher than class 0's: a global ranking would pick only
+    # class 1, ranking within classes picks the top quarter of each.
+    y = torch.tensor([0] * 8 + [1] * 8 + [2] * 4)
+    ce = torch.cat([torch.arange(8.0), 100 + torch.arange(8.0), torch.tensor([5.0, 1, 3, 2])])
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    anti, score = loss_rank_directions(ce[perm], y[perm], 0.25, num_classes=3)
+    anti, score = anti[perm.argsort()], score[perm.argsort()]
+    assert anti.nonzero().squeeze(1).tolist() == [6, 7, 14, 15, 16]
+    assert anti.float().mean().item() == pytest.approx(0.25)
+    assert torch.allclose(score[:8], (torch.arange(8.0) + 0.5) / 8)
+
+
+@pytest.mark.parametrize("policy", ["random", "loss_rank"])
+def test_ablation_policies_train_at_their_fraction_without_meta_steps(policy):
+    _, method, batch = setup(direction_policy=policy, anti_fraction=0.5, meta_interval=1,
+                             num_classes=4)
+    meta_before = snapshot(method.meta_net)
+    fracs = [method.step(batch, lr=0.1).sums["frac_anti"] / len(batch.y) for _ in range(4)]
+    assert all(f == pytest.approx(0.5, abs=0.3) for f in fracs)
+    if policy == "loss_rank":
+        assert fracs == [0.5] * 4  # exactly half of each class's 6 samples
+    # Nothing for the meta-net to learn: it never steps.
+    assert all(torch.equal(v, meta_before[k]) for k, v in snapshot(method.meta_net).items()
+               if not k.endswith(("mean", "var", "seen")))

@@ -44,6 +44,9 @@ class StepResult:
     loss: torch.Tensor  # scalar, with graph: the trial loop calls backward() on it
     # Sums over the batch (the loop divides by samples seen), e.g. {"frac_anti": 37.0}.
     sums: dict[str, float] = field(default_factory=dict)
+    # Per-sample values, each (B,) in the batch's order (e.g. CAAT's direction and bound),
+    # which the loop gathers over the epoch for diagnostics (`trainables.diagnostics`).
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method:

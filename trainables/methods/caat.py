@@ -14,8 +14,22 @@ batch at the virtual weights, and an Adam step of the meta-net.
 
 `directions: chosen` attacks each sample only in its chosen direction (one signed PGD per
 batch, the cost of TRADES); `both` computes both examples for every sample, as the original
-does. `bound_mode: sample` adds a third meta-net output that scales each sample's eps
-within `bound_range` (the class remargin is then off: the meta-net owns the bounds).
+does. A batch that feeds a meta step always gets both: the meta gradient of a sample's
+weights compares its two losses, and the unchosen one must be measured on its own example.
+`bound_mode: sample` adds a third meta-net output that scales each sample's eps within
+`bound_range` (the class remargin is then off: the meta-net owns the bounds).
+
+Where the original's meta-net does not learn, and what is done instead:
+- At T = 0.001 its softmax is saturated for nearly every sample, so one or two samples near
+  the boundary carry the whole meta gradient. Here the meta gradient flows straight-through
+  a softmax at `meta_temperature` while training keeps the hard choice.
+- A randomly initialised net sends nearly all samples to one side, which side a coin flip of
+  the seed. `meta_init: adversarial` starts every sample adversarial (CAAT begins as TRADES
+  with FRL multipliers) and lets the meta gradient move them.
+- Train-mode BatchNorm makes a sample's choice depend on its batch; `meta_norm: running`
+  standardises the features by running statistics instead.
+- `direction_policy: random | loss_rank` replaces the meta-net's choice by ablations that keep
+  everything else (bounds, multipliers, loss form).
 
 Departures from the original code, each a fix: BatchNorm modes are restored after attacks;
 the class mean-loss feature is updated every epoch; the meta loss uses the meta batch's own
@@ -31,12 +45,26 @@ import torch
 import torch.nn.functional as F
 
 from trainables.attacks import ce_per_sample, kl_per_sample, pgd
-from trainables.meta import NUM_CAAT_FEATURES, caat_features, call_with, model_params
+from trainables.meta import (
+    NUM_CAAT_FEATURES,
+    MetaStepStats,
+    caat_features,
+    call_with,
+    model_params,
+)
 from trainables.methods import register
 from trainables.methods.base import Batch, MethodData, StepResult
 from trainables.methods.frl import MultiplierMethod, weighted_trades_loss
 from trainables.methods.metalearner import MetaLearner
 from trainables.methods.trades import attack_target
+
+# `meta_init: adversarial`: the adversarial logit starts this many meta temperatures above
+# the anti one, for every sample: hard at the training temperature, while the
+# straight-through softmax still passes a gradient (w_anti = sigmoid(-1) = 0.27 there).
+# Without straight-through, the margin is this many output units (saturated at T = 0.001).
+ADVERSARIAL_INIT_MARGIN = 1.0
+# A weight counts as saturated (no meta gradient to speak of) outside this band.
+ACTIVE_BAND = (0.01, 0.99)
 
 
 def caat_loss(w_adv: torch.Tensor, w_anti: torch.Tensor, ce_clean: torch.Tensor,
@@ -47,11 +75,60 @@ def caat_loss(w_adv: torch.Tensor, w_anti: torch.Tensor, ce_clean: torch.Tensor,
             + (w_anti * ce_anti).mean())
 
 
-def combination_weights(out: torch.Tensor,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_adv, w_anti) from the meta-net's first two outputs: softmax at temperature T."""
+def combination_weights(out: torch.Tensor, temperature: float,
+                        meta_temperature: float | None = None) -> torch.Tensor:
+    """(B, 2) weights (w_adv, w_anti) from the meta-net's first two outputs (pure).
+
+    The values are the softmax at ``temperature``. With ``meta_temperature``, the gradient is
+    that of the softmax at ``meta_temperature`` (straight-through): the hard choice made at a
+    tiny temperature keeps a meta gradient for every sample, not only the one or two whose
+    outputs sit within a few temperatures of each other.
+    """
     w = F.softmax(out[:, :2] / temperature, dim=1)
-    return w[:, 0], w[:, 1]
+    if meta_temperature is None:
+        return w
+    soft = F.softmax(out[:, :2] / meta_temperature, dim=1)
+    return w.detach() + soft - soft.detach()
+
+
+def anti_margin(out: torch.Tensor) -> torch.Tensor:
+    """Each sample's anti-adversarial score: the pre-softmax margin, > 0 means anti (pure)."""
+    return out[:, 1] - out[:, 0]
+
+
+def random_directions(n: int, fraction: float, *, device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anti, score): each sample anti-adversarial with probability ``fraction``; the score
+    is the draw itself, flipped so that a higher score means anti."""
+    u = torch.rand(n, device=device, generator=generator)
+    return u < fraction, -u
+
+
+def loss_rank_directions(ce: torch.Tensor, y: torch.Tensor, fraction: float,
+                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anti, score): within each observed class of the batch, the round(fraction * n_c)
+    samples of highest clean loss go anti-adversarial (pure; the paper's intuition that
+    noisy labels have high loss). The score is the loss quantile within the class, in
+    (0, 1); ranking within classes keeps a hard class from taking every anti slot."""
+    n = len(y)
+    order = torch.argsort(ce, stable=True)
+    order = order[torch.argsort(y[order], stable=True)]  # by class, ascending loss within
+    counts = torch.bincount(y, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(y)
+    rank[order] = torch.arange(n, device=y.device) - starts[y[order]]
+    n_c = counts[y].to(ce.dtype)
+    anti = rank.to(ce.dtype) >= n_c - torch.round(fraction * n_c)
+    return anti, (rank.to(ce.dtype) + 0.5) / n_c
+
+
+def anti_preference(weight_grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's meta preference for the anti-adversarial side from the meta gradient
+    of its (w_adv, w_anti): d(meta)/d(w_adv) - d(meta)/d(w_anti), > 0 where moving weight
+    from the adversarial to the anti-adversarial term lowers the meta loss (pure). It shows
+    what the meta objective rewards, whatever the meta-net makes of it."""
+    return weight_grad[:, 0] - weight_grad[:, 1]
 
 
 def sample_bound_scale(out: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -84,8 +161,10 @@ class _Terms:
     x: torch.Tensor
     y: torch.Tensor
     feats: torch.Tensor
-    w_adv: torch.Tensor
-    w_anti: torch.Tensor
+    out: torch.Tensor  # the meta-net's outputs the batch was decided with (no graph)
+    w: torch.Tensor  # (B, 2) combination weights the batch trains with (constants)
+    anti: torch.Tensor  # (B,) bool: the direction each sample was attacked in
+    score: torch.Tensor  # (B,) anti score (meta-net margin, or the ablation's rank/draw)
     eps_i: torch.Tensor
     x_pert: _Perturbed
     logits: torch.Tensor  # clean, train mode, with graph
@@ -104,16 +183,41 @@ class CAAT(MultiplierMethod, MetaLearner):
         super().__init__(model, cfg, data)
         if cfg.method.bound_mode == "sample":
             self.multipliers.cfg.remargin = False
+        if cfg.method.meta_init == "adversarial":
+            self._init_adversarial()
         c = data.num_classes
         # Before any epoch has been seen: the loss of a uniform guess.
         self.class_mean_loss = torch.full((c,), math.log(c), device=data.device)
         self._loss_sum = torch.zeros(c, device=data.device)
         self._count = torch.zeros(c, device=data.device)
 
+    def _init_adversarial(self) -> None:
+        """Every sample adversarial, whatever its features: a zero output layer and a bias
+        that favours the adversarial logit (and a mid-range bound in `sample` mode). The
+        hidden layer keeps its random init, so the output layer's meta gradient is not 0."""
+        head = self.meta_net.head
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[0] = ADVERSARIAL_INIT_MARGIN * (self.cfg.method.meta_temperature or 1.0)
+
+    @property
+    def _gradient_temperature(self) -> float:
+        """The temperature of the softmax the meta gradient flows through."""
+        m = self.cfg.method
+        return m.meta_temperature if m.meta_temperature is not None else m.temperature
+
+    @property
+    def meta_learns(self) -> bool:
+        """Whether the meta-net has anything to learn: the directions, or the bounds."""
+        m = self.cfg.method
+        return m.direction_policy == "meta" or m.bound_mode == "sample"
+
     # ---------------------------------------------------------------------- epoch hooks
 
     def epoch_start(self, epoch: int) -> None:
-        super().epoch_start(epoch)
+        MultiplierMethod.epoch_start(self, epoch)
+        self.meta_epoch_start()
         self._loss_sum.zero_()
         self._count.zero_()
 
@@ -121,7 +225,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         seen = self._count > 0
         self.class_mean_loss = torch.where(seen, self._loss_sum / self._count.clamp_min(1),
                                            self.class_mean_loss)
-        return super().epoch_end(epoch)
+        return {**MultiplierMethod.epoch_end(self, epoch), **self.meta_epoch_stats()}
 
     # ------------------------------------------------------------------------ the step
 
@@ -131,6 +235,17 @@ class CAAT(MultiplierMethod, MetaLearner):
             lo, hi = self.cfg.method.bound_range
             return self.eps * sample_bound_scale(out, lo, hi)
         return self.eps * self.multipliers.scale[y]
+
+    def directions(self, out: torch.Tensor, ce: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anti, score) per sample, from the meta-net's outputs or the ablation policy."""
+        m = self.cfg.method
+        if m.direction_policy == "random":
+            return random_directions(len(y), m.anti_fraction, device=y.device)
+        if m.direction_policy == "loss_rank":
+            return loss_rank_directions(ce.detach(), y, m.anti_fraction, self.data.num_classes)
+        score = anti_margin(out)
+        return score > 0, score
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, anti: torch.Tensor,
                 eps_i: torch.Tensor, both: bool) -> _Perturbed:
@@ -163,77 +278,113 @@ class CAAT(MultiplierMethod, MetaLearner):
         return (kl_per_sample(logits_adv, logits, detach_clean=False),
                 ce_per_sample(logits_anti, y))
 
-    def terms(self, batch: Batch) -> _Terms:
-        """Everything the loss and the meta step need from one batch (one attack)."""
-        x, y = batch.x, batch.y
+    def terms(self, batch: Batch, for_meta_step: bool = False) -> _Terms:
+        """Everything the loss and the meta step need from one batch."""
+        x, y, m = batch.x, batch.y, self.cfg.method
         logits = self.model(x)
         ce = ce_per_sample(logits, y)
         feats = caat_features(logits.detach(), ce.detach(), y, self.class_mean_loss,
                               self.data.class_prior)
+        self.meta_net.observe(feats)
         with torch.no_grad():
             out = self.meta_net(feats)
-        w_adv, w_anti = combination_weights(out, self.cfg.method.temperature)
+        anti, score = self.directions(out, ce, y)
+        if m.direction_policy == "meta":
+            w = combination_weights(out, m.temperature)
+        else:
+            w = torch.stack([~anti, anti], dim=1).to(x.dtype)
         eps_i = self.bounds(y, out)
-        x_pert = self.perturb(x, y, w_anti > w_adv, eps_i,
-                              both=self.cfg.method.directions == "both")
-        kl, ce_anti = self.perturbed_terms(self.model, x_pert, y, logits)
-        return _Terms(x=x, y=y, feats=feats, w_adv=w_adv, w_anti=w_anti, eps_i=eps_i,
+        both = m.directions == "both" or for_meta_step
+        x_pert = self.perturb(x, y, anti, eps_i, both=both)
+        if m.directions == "both":
+            kl, ce_anti = self.perturbed_terms(self.model, x_pert, y, logits)
+        else:
+            # `chosen`: one forward of each sample's own example, as if only it were made.
+            view = x_pert if x_pert.shared else _Perturbed(*(2 * [self._chosen(x_pert, anti)]))
+            kl, ce_anti = self.perturbed_terms(self.model, view, y, logits)
+        return _Terms(x=x, y=y, feats=feats, out=out, w=w, anti=anti, score=score, eps_i=eps_i,
                       x_pert=x_pert, logits=logits, ce=ce, kl=kl, ce_anti=ce_anti)
 
+    @staticmethod
+    def _chosen(x_pert: _Perturbed, anti: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x_pert.adv.dim() - 1)
+        return torch.where(anti.view(shape), x_pert.anti, x_pert.adv)
+
     def step(self, batch: Batch, lr: float) -> StepResult:
-        t, m = self.terms(batch), self.multipliers
-        loss = caat_loss(t.w_adv, t.w_anti, t.ce, t.kl, t.ce_anti, m.c0[t.y], m.c1[t.y],
+        meta_step = self.meta_learns and self.meta_due()
+        t, m = self.terms(batch, for_meta_step=meta_step), self.multipliers
+        loss = caat_loss(t.w[:, 0], t.w[:, 1], t.ce, t.kl, t.ce_anti, m.c0[t.y], m.c1[t.y],
                          self.cfg.method.beta)
+        per_sample = {"anti": t.anti.to(t.x.dtype), "anti_score": t.score, "eps": t.eps_i}
         # The meta-net update takes effect from the next batch: this batch's examples were
         # made for the weights above, and its loss must use the same ones.
-        if self.meta_due():
-            self.caat_meta_step(t, lr)
+        if meta_step:
+            stats = self.caat_meta_step(t, lr)
+            if stats.probe_grad is not None:
+                per_sample["meta_pref"] = anti_preference(stats.probe_grad)
         self._loss_sum.index_add_(0, t.y, t.ce.detach())
         self._count += torch.bincount(t.y, minlength=len(self._count))
-        return StepResult(loss, sums={"frac_anti": float((t.w_anti > t.w_adv).sum())})
+        sums = {"frac_anti": float(t.anti.sum())}
+        if self.cfg.method.direction_policy == "meta":
+            soft_anti = F.softmax(t.out[:, :2] / self._gradient_temperature, dim=1)[:, 1]
+            lo, hi = ACTIVE_BAND
+            sums["meta_active_frac"] = float(((soft_anti > lo) & (soft_anti < hi)).sum())
+        return StepResult(loss, sums=sums, per_sample=per_sample)
 
     # ------------------------------------------------------------------- the meta step
 
-    def caat_meta_step(self, t: _Terms, lr: float) -> float:
-        """Meta step on this batch. The training-loss terms (ce, kl, ce_anti) are reused
-        from the real forward (their graph is kept), so the virtual step costs no forward,
-        except in `sample` bound mode, where the examples are re-stretched to the meta-net's
-        differentiable bounds and forwarded again (with the real model's buffers spared)."""
-        m, beta, temperature = self.multipliers, self.cfg.method.beta, self.cfg.method.temperature
-        y = t.y
+    def caat_meta_step(self, t: _Terms, lr: float) -> MetaStepStats:
+        """Meta step on this batch (whose examples were made in both directions).
+
+        When the meta-net chooses the directions, the stats carry the meta gradient of the
+        (B, 2) combination weights (`anti_preference` reads it).
+
+        The clean terms are reused from the real forward (graph kept). The perturbed terms
+        are too in `both` mode; in `chosen` mode both examples of every sample are forwarded
+        again, at the real parameters with the real model's buffers spared. In `sample`
+        bound mode the examples are re-stretched to the meta-net's differentiable bounds.
+        """
+        m, cm, y = self.multipliers, self.cfg.method, t.y
         out = self.meta_net(t.feats)
-        w_adv, w_anti = combination_weights(out, temperature)
-        kl, ce_anti = t.kl, t.ce_anti
-        if self.cfg.method.bound_mode == "sample":
+        if cm.direction_policy == "meta":
+            w = combination_weights(out, cm.temperature, cm.meta_temperature)
+        else:
+            w = t.w
+        params = model_params(self.model)
+
+        def fwd(v: torch.Tensor) -> torch.Tensor:
+            return call_with(self.model, params, v)
+
+        if cm.bound_mode == "sample":
             eps_g = self.bounds(y, out)
-            params = model_params(self.model)
-
-            def stretch(v: torch.Tensor) -> torch.Tensor:
-                return rescale_perturbation(t.x, v, t.eps_i, eps_g)
-
-            adv = stretch(t.x_pert.adv)
-            stretched = _Perturbed(adv, adv if t.x_pert.shared else stretch(t.x_pert.anti))
-            kl, ce_anti = self.perturbed_terms(lambda v: call_with(self.model, params, v),
-                                               stretched, y, t.logits)
-        virtual_loss = caat_loss(w_adv, w_anti, t.ce, kl, ce_anti, m.c0[y], m.c1[y], beta)
+            stretched = _Perturbed(rescale_perturbation(t.x, t.x_pert.adv, t.eps_i, eps_g),
+                                   rescale_perturbation(t.x, t.x_pert.anti, t.eps_i, eps_g))
+            kl, ce_anti = self.perturbed_terms(fwd, stretched, y, t.logits)
+        elif cm.directions == "both":
+            kl, ce_anti = t.kl, t.ce_anti
+        else:
+            kl, ce_anti = self.perturbed_terms(fwd, t.x_pert, y, t.logits)
+        virtual_loss = caat_loss(w[:, 0], w[:, 1], t.ce, kl, ce_anti, m.c0[y], m.c1[y],
+                                 cm.beta)
 
         xm, ym = self.meta_batch()
-        eps_m = self.eps * (m.scale[ym] if self.cfg.method.bound_mode == "class"
+        eps_m = self.eps * (m.scale[ym] if cm.bound_mode == "class"
                             else torch.ones_like(ym, dtype=t.x.dtype))
         # The meta batch's examples are made at the current weights (constants for the
         # meta gradient); both kinds for every meta sample: the meta loss is the full form.
         meta_pert = self.perturb(xm, ym, torch.zeros_like(ym, dtype=torch.bool), eps_m,
                                  both=True)
 
-        def meta_loss_at(params):
-            fwd = lambda v: call_with(self.model, params, v)  # noqa: E731
-            lm = fwd(xm)
-            kl_m, ce_anti_m = self.perturbed_terms(fwd, meta_pert, ym, lm)
+        def meta_loss_at(virtual):
+            fwd_v = lambda v: call_with(self.model, virtual, v)  # noqa: E731
+            lm = fwd_v(xm)
+            kl_m, ce_anti_m = self.perturbed_terms(fwd_v, meta_pert, ym, lm)
             ones = torch.ones_like(ce_anti_m)
             return caat_loss(ones, ones, ce_per_sample(lm, ym), kl_m, ce_anti_m, m.c0[ym],
-                             m.c1[ym], beta)
+                             m.c1[ym], cm.beta)
 
-        return self.meta_step(virtual_loss, meta_loss_at, lr)
+        return self.meta_step(virtual_loss, meta_loss_at, lr,
+                              probe=w if w.requires_grad else None)
 
     # ------------------------------------------------------------------------- state
 

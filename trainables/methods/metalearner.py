@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainables.meta import MetaNet, Params, meta_update, model_params
+from trainables.meta import MetaNet, MetaStepStats, Params, meta_update, model_params
 from trainables.methods.base import Method, MethodData
 
 
@@ -15,16 +15,20 @@ class MetaLearner(Method):
 
     meta_in: int = 1
     meta_out: int = 1
-    meta_batch_norm: bool = True
+
+    def meta_norm(self) -> str:
+        """How the meta-net standardises its features (see `MetaNet`)."""
+        return self.cfg.method.meta_norm
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)
         m = cfg.method
         self.meta_net = MetaNet(self.meta_in, m.meta_hidden, self.meta_out,
-                                batch_norm=self.meta_batch_norm).to(data.device)
+                                norm=self.meta_norm()).to(data.device)
         self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=m.meta_lr,
                                                weight_decay=1e-4)
         self.batches = 0
+        self._grad_norms: list[float] = []
 
     def meta_due(self) -> bool:
         """Counts batches; a meta step follows every `meta_interval`-th one."""
@@ -38,10 +42,28 @@ class MetaLearner(Method):
         return self.data.meta_x[idx], self.data.meta_y[idx]
 
     def meta_step(self, virtual_loss: torch.Tensor,
-                  meta_loss_at: Callable[[Params], torch.Tensor], lr: float) -> float:
-        return meta_update(self.meta_net, self.meta_optimizer, virtual_loss,
-                           model_params(self.model), meta_loss_at, lr=lr,
-                           weight_decay=self.cfg.optim.weight_decay)
+                  meta_loss_at: Callable[[Params], torch.Tensor], lr: float,
+                  probe: torch.Tensor | None = None) -> MetaStepStats:
+        stats = meta_update(self.meta_net, self.meta_optimizer, virtual_loss,
+                            model_params(self.model), meta_loss_at, lr=lr,
+                            weight_decay=self.cfg.optim.weight_decay, probe=probe)
+        self._grad_norms.append(stats.grad_norm)
+        return stats
+
+    def meta_epoch_start(self) -> None:
+        self._grad_norms = []
+
+    def meta_epoch_stats(self) -> dict[str, float]:
+        """`meta_grad_norm`: the mean over this epoch's meta steps (absent without any)."""
+        if not self._grad_norms:
+            return {}
+        return {"meta_grad_norm": sum(self._grad_norms) / len(self._grad_norms)}
+
+    def epoch_start(self, epoch: int) -> None:
+        self.meta_epoch_start()
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        return self.meta_epoch_stats()
 
     def state_dict(self) -> dict:
         return {"meta_net": self.meta_net.state_dict(),

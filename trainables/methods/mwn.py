@@ -20,8 +20,10 @@ from trainables.methods.metalearner import MetaLearner
 @register
 class MWN(MetaLearner):
     name = "mwn"
-    # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm).
-    meta_batch_norm = False
+
+    def meta_norm(self) -> str:
+        # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm).
+        return "none"
 
     def weights(self, ce: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.meta_net(ce.detach().unsqueeze(1))).squeeze(1)
