@@ -38,14 +38,17 @@ COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
            "worst_class_robust_acc": "worst-class robust"}
 
 
-def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace) -> dict:
+def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace,
+                 knobs: dict | None = None) -> dict:
+    """The trial of (scenario, method, seed); ``knobs`` are extra `method.*` settings (the
+    CAAT ablation's variants). Everything else keeps the config's defaults."""
     return {
         "dataset": {"name": "fashion_mnist", "train_size": args.train_size,
                     "test_size": args.test_size},
         "scenario": {"meta_per_class": 20, "val_per_class": 100, **SCENARIOS[scenario]},
         "model": {"arch": "small_cnn"},
         "method": {"name": method, "eps": 0.1, "step_size": 0.025, "steps": 5, "beta": 6.0,
-                   "meta_interval": 20},
+                   **(knobs or {})},
         # One warm start per scenario and seed, shared by the 7 methods.
         "init": {"erm_epochs": 1, "cache_dir": str(Path(args.out) / "warm_starts")},
         "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 0.05},
@@ -64,6 +67,11 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
     result = run_trial(cfg, reporter)
     metrics = {k.removeprefix("test_"): v for k, v in result.metrics.items()
                if k.startswith("test_")}
+    # Validation metrics (what defaults are chosen by) and the per-epoch history
+    # (frac_anti and CAAT's direction diagnostics) beside the test metrics.
+    metrics["val"] = {k.removeprefix("val_"): v for k, v in result.metrics.items()
+                      if k.startswith("val_")}
+    metrics["history"] = result.history
     metrics["config"] = cfg
     metrics["seconds"] = time.perf_counter() - t0
     # The model too, for benchmarks/independent_pgd.py's cross-check of robust_acc.
@@ -72,13 +80,30 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
     return out, metrics["seconds"]
 
 
+def is_done(out: Path, cfg: dict) -> bool:
+    """A finished trial of this very config (a result of another config is stale: re-run)."""
+    path = out / "metrics.json"
+    return path.is_file() and json.loads(path.read_text())["config"] == cfg
+
+
 def collect(root: Path) -> pd.DataFrame:
+    """One row per finished trial: test metrics in %, val robust accuracy in %, minutes, and
+    (where logged) the first and last epoch's frac_anti and the last anti_noisy_auc."""
     rows = []
     for path in sorted(root.glob("*/*/seed*/metrics.json")):
         m = json.loads(path.read_text())
         scenario, method, seed = path.parts[-4], path.parts[-3], path.parts[-2]
+        history = m.get("history", [])
+        first, last = (history[0], history[-1]) if history else ({}, {})
         rows.append({"scenario": scenario, "method": method, "seed": seed,
-                     **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60})
+                     **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60,
+                     **{f"val_{k}": 100 * m["val"][k] for k in COLUMNS if k in m.get("val", {})},
+                     "frac_anti_first": first.get("frac_anti", float("nan")),
+                     "frac_anti_last": last.get("frac_anti", float("nan")),
+                     "anti_noisy_auc_last": last.get("anti_noisy_auc", float("nan")),
+                     "meta_pref_noisy_auc_last": last.get("meta_pref_noisy_auc", float("nan")),
+                     "frac_anti_mean": (sum(h.get("frac_anti", 0.0) for h in history)
+                                        / len(history)) if history else float("nan")})
     return pd.DataFrame(rows)
 
 
@@ -118,7 +143,7 @@ def main() -> None:
     if not args.table_only:
         todo = [(trial_config(s, m, seed, args), str(root / s / m / f"seed{seed}"))
                 for s in args.scenarios for m in args.methods for seed in args.seeds
-                if not (root / s / m / f"seed{seed}" / "metrics.json").is_file()]
+                if not is_done(root / s / m / f"seed{seed}", trial_config(s, m, seed, args))]
         print(f"# {len(todo)} trials to run, {args.jobs} at a time")
         with ProcessPoolExecutor(args.jobs) as pool:
             futures = [pool.submit(run_one, cfg, out) for cfg, out in todo]

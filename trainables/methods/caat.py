@@ -39,6 +39,7 @@ class weights; any number of classes; pixel-space bounds.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ from trainables.attacks import ce_per_sample, kl_per_sample, pgd
 from trainables.meta import (
     NUM_CAAT_FEATURES,
     MetaStepStats,
+    Params,
     caat_features,
     call_with,
     model_params,
@@ -338,11 +340,6 @@ class CAAT(MultiplierMethod, MetaLearner):
 
         When the meta-net chooses the directions, the stats carry the meta gradient of the
         (B, 2) combination weights (`anti_preference` reads it).
-
-        The clean terms are reused from the real forward (graph kept). The perturbed terms
-        are too in `both` mode; in `chosen` mode both examples of every sample are forwarded
-        again, at the real parameters with the real model's buffers spared. In `sample`
-        bound mode the examples are re-stretched to the meta-net's differentiable bounds.
         """
         m, cm, y = self.multipliers, self.cfg.method, t.y
         out = self.meta_net(t.feats)
@@ -350,41 +347,56 @@ class CAAT(MultiplierMethod, MetaLearner):
             w = combination_weights(out, cm.temperature, cm.meta_temperature)
         else:
             w = t.w
+        kl, ce_anti = self.virtual_terms(t, out)
+        virtual_loss = caat_loss(w[:, 0], w[:, 1], t.ce, kl, ce_anti, m.c0[y], m.c1[y],
+                                 cm.beta)
+        return self.meta_step(virtual_loss, self.meta_objective(), lr,
+                              probe=w if w.requires_grad else None)
+
+    def virtual_terms(self, t: _Terms, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL of the adversarial example, CE of the anti-adversarial one) of every sample,
+        differentiable in the model's parameters (and in `sample` mode in the bounds).
+
+        The clean terms are reused from the real forward (graph kept). The perturbed terms
+        are too in `both` mode; in `chosen` mode both examples of every sample are forwarded
+        again, at the real parameters with the real model's buffers spared. In `sample`
+        bound mode the examples are re-stretched to the meta-net's differentiable bounds.
+        """
+        cm = self.cfg.method
         params = model_params(self.model)
 
         def fwd(v: torch.Tensor) -> torch.Tensor:
             return call_with(self.model, params, v)
 
         if cm.bound_mode == "sample":
-            eps_g = self.bounds(y, out)
+            eps_g = self.bounds(t.y, out)
             stretched = _Perturbed(rescale_perturbation(t.x, t.x_pert.adv, t.eps_i, eps_g),
                                    rescale_perturbation(t.x, t.x_pert.anti, t.eps_i, eps_g))
-            kl, ce_anti = self.perturbed_terms(fwd, stretched, y, t.logits)
-        elif cm.directions == "both":
-            kl, ce_anti = t.kl, t.ce_anti
-        else:
-            kl, ce_anti = self.perturbed_terms(fwd, t.x_pert, y, t.logits)
-        virtual_loss = caat_loss(w[:, 0], w[:, 1], t.ce, kl, ce_anti, m.c0[y], m.c1[y],
-                                 cm.beta)
+            return self.perturbed_terms(fwd, stretched, t.y, t.logits)
+        if cm.directions == "both":
+            return t.kl, t.ce_anti
+        return self.perturbed_terms(fwd, t.x_pert, t.y, t.logits)
 
+    def meta_objective(self) -> Callable[[Params], torch.Tensor]:
+        """The meta loss as a function of (virtual) parameters: CAAT's loss form with both
+        terms for every sample of a random clean meta batch, whose examples are made now,
+        at the current weights (constants for the meta gradient)."""
+        m, cm = self.multipliers, self.cfg.method
         xm, ym = self.meta_batch()
         eps_m = self.eps * (m.scale[ym] if cm.bound_mode == "class"
-                            else torch.ones_like(ym, dtype=t.x.dtype))
-        # The meta batch's examples are made at the current weights (constants for the
-        # meta gradient); both kinds for every meta sample: the meta loss is the full form.
+                            else torch.ones_like(ym, dtype=xm.dtype))
         meta_pert = self.perturb(xm, ym, torch.zeros_like(ym, dtype=torch.bool), eps_m,
                                  both=True)
 
-        def meta_loss_at(virtual):
-            fwd_v = lambda v: call_with(self.model, virtual, v)  # noqa: E731
-            lm = fwd_v(xm)
-            kl_m, ce_anti_m = self.perturbed_terms(fwd_v, meta_pert, ym, lm)
+        def meta_loss_at(params: Params) -> torch.Tensor:
+            fwd = lambda v: call_with(self.model, params, v)  # noqa: E731
+            lm = fwd(xm)
+            kl_m, ce_anti_m = self.perturbed_terms(fwd, meta_pert, ym, lm)
             ones = torch.ones_like(ce_anti_m)
             return caat_loss(ones, ones, ce_per_sample(lm, ym), kl_m, ce_anti_m, m.c0[ym],
                              m.c1[ym], cm.beta)
 
-        return self.meta_step(virtual_loss, meta_loss_at, lr,
-                              probe=w if w.requires_grad else None)
+        return meta_loss_at
 
     # ------------------------------------------------------------------------- state
 

@@ -17,14 +17,16 @@ from trainables.methods.trades import attack_target
 
 
 def weighted_trades_loss(ce: torch.Tensor, kl: torch.Tensor, c0_y: torch.Tensor,
-                         c1_y: torch.Tensor, beta: float,
-                         w: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """sum(w*c0[y]*CE)/sum(c0[y]) + beta * sum(w*c1[y]*KL)/sum(c1[y]) (pure).
+                         c1_y: torch.Tensor, beta: float, w: torch.Tensor | float = 1.0,
+                         w_kl: torch.Tensor | float | None = None) -> torch.Tensor:
+    """sum(w*c0[y]*CE)/sum(c0[y]) + beta * sum(w_kl*c1[y]*KL)/sum(c1[y]) (pure); w_kl
+    defaults to w (a separate one lets a probe take the two terms' gradients apart).
 
     With c0 = c1 = 1 and w = 1 this is TRADES' loss.
     """
+    w_kl = w if w_kl is None else w_kl
     return ((w * c0_y * ce).sum() / c0_y.sum()
-            + beta * (w * c1_y * kl).sum() / c1_y.sum())
+            + beta * (w_kl * c1_y * kl).sum() / c1_y.sum())
 
 
 class MultiplierMethod(Method):
