@@ -1107,7 +1107,8 @@ def write_plots(summary: Summary, out: Path) -> list[Path]:
 DIRECTION_METHOD = "caat"
 # Per-epoch scalars (step = epoch, 1-based) the plots read. The trainer logs more
 # (meta_pref_noisy_auc, meta_grad_norm, meta_active_frac) that no plot shows yet.
-DIRECTION_METRICS = ("frac_anti", "frac_anti_noisy", "frac_anti_clean", "anti_noisy_auc")
+DIRECTION_METRICS = ("frac_anti", "frac_anti_noisy", "frac_anti_clean", "anti_noisy_auc",
+                     "meta_pref_noisy_auc")
 DIRECTION_COLUMNS = ["run_id", "scenario", "method", "seed", "metric", "epoch", "value"]
 # classwise.json: per-class lists by observed label (last epoch) and `<key>_by_epoch` histories.
 CLASS_DIRECTION_KEYS = ("train_class_frac_anti", "train_class_mean_eps")
@@ -1249,6 +1250,10 @@ def _share_panel(ax: Any, history: pd.DataFrame) -> None:
 
 def _auc_panel(ax: Any, history: pd.DataFrame) -> None:
     _seed_lines(ax, history, "anti_noisy_auc", "tab:purple", "anti score vs noisy label")
+    if history["metric"].eq("meta_pref_noisy_auc").any():
+        # What the meta objective itself prefers: the most the meta-net could learn.
+        _seed_lines(ax, history, "meta_pref_noisy_auc", "tab:orange",
+                    "meta objective's preference")
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1, label="chance")
     ax.set_ylabel("ROC AUC")
     ax.set_ylim(0, 1)
@@ -1293,7 +1298,7 @@ def plot_caat_directions(summary: Summary, scenario: str, path: Path) -> Path | 
     shares = history[history["metric"].isin(list(_SHARES))]
     if len(shares):
         panels.append((lambda ax: _share_panel(ax, shares), True))
-    auc = history[history["metric"].eq("anti_noisy_auc")]
+    auc = history[history["metric"].isin(["anti_noisy_auc", "meta_pref_noisy_auc"])]
     if len(auc):
         panels.append((lambda ax: _auc_panel(ax, auc), True))
     ratio = srow.get("imbalance_ratio")

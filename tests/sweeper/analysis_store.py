@@ -112,7 +112,7 @@ DIRECTIONS = {
     ("noisy20", "caat"): [
         {"frac_anti": [.48, .40, .34], "frac_anti_noisy": [.60, .80, .90],
          "frac_anti_clean": [.45, .30, .20], "anti_noisy_auc": [.55, .70, .85],
-         "meta_grad_norm": [3.0, 2.0, 1.0]},
+         "meta_pref_noisy_auc": [.52, .54, .56], "meta_grad_norm": [3.0, 2.0, 1.0]},
     ],
 }
 # The clean/caat tuning run is not selected (confirmation runs exist): its diagnostics must not

@@ -12,7 +12,7 @@ from sweep_support import tiny_space, write_space
 
 from sweeper.cli import main
 from sweeper.spaces import Distribution, load_space, parse_space
-from trainables.config import ConfigError
+from trainables.config import ConfigError, validate
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -73,6 +73,26 @@ def test_cells_expand_with_ids_spaces_and_fixed_values():
     cfg = plan.trial_config(trades, {"optim.lr": 0.05, "method.beta": 6.0}, seed=3)
     assert cfg["optim"]["lr"] == 0.05 and cfg["method"]["beta"] == 6.0
     assert cfg["runtime"]["seed"] == 3 and cfg["scenario"]["noise_rate"] == 0.4
+
+
+def test_caat_direction_policy_and_meta_knobs_are_searched_like_any_knob():
+    space = tiny_space(methods=["caat"], search={"caat": {
+        "method.direction_policy": {"type": "categorical",
+                                    "choices": ["meta", "random", "loss_rank"]},
+        "method.anti_fraction": {"type": "float", "low": 0.1, "high": 0.5},
+        "method.meta_temperature": {"type": "categorical", "choices": [None, 1.0]},
+        "method.meta_init": "random"}})
+    space["search"].pop("trades")
+    plan = parse_space(space)
+    [cell] = plan.cells
+    assert set(cell.space) >= {"method.direction_policy", "method.anti_fraction",
+                               "method.meta_temperature"}
+    cfg = plan.trial_config(cell, {"method.direction_policy": "loss_rank",
+                                   "method.anti_fraction": 0.3,
+                                   "method.meta_temperature": None, "optim.lr": 0.05}, seed=1)
+    method = validate(cfg).method
+    assert (method.direction_policy, method.anti_fraction, method.meta_temperature,
+            method.meta_init) == ("loss_rank", 0.3, None, "random")
 
 
 def test_cell_with_nothing_to_search_runs_one_tuning_trial():
