@@ -16,7 +16,9 @@ Variants (all `method.*` knobs; everything else, bounds and FRL multipliers incl
 
 `caat_random` and `caat_loss_rank` use anti_fraction = the mean frac_anti of `caat` in that
 scenario (over its epochs and seeds), so they differ from it only in *which* samples go anti;
-they run after `caat` has finished.
+they run after `caat` has finished (and not at all where `caat` sent no sample anti: that is
+the same training). `caat_x_random_lr1e-2` and `caat_x_loss_rank_lr1e-2` do the same against
+`caat_x_lr1e-2_i5`, a meta-net fast enough to move the split at this budget.
 
 Each trial writes RESULTS/<scenario>/<variant>/seed<k>/metrics.json (the layout of
 noise_imbalance_table.py, so `trades`, `frl` and `caat` are shared with it); a finished trial
@@ -44,7 +46,8 @@ from noise_imbalance_table import SCENARIOS, collect, is_done, run_one, trial_co
 class Variant:
     method: str
     knobs: dict = field(default_factory=dict)
-    matched: bool = False  # anti_fraction matched to `caat`'s mean frac_anti
+    # anti_fraction matched to this variant's mean frac_anti (random / loss_rank policies)
+    matched_to: str | None = None
 
 
 # The original's meta-learning, as this project ran it before the split was made learnable.
@@ -56,8 +59,14 @@ VARIANTS = {
     "frl": Variant("frl"),
     "caat_original": Variant("caat", ORIGINAL),
     "caat": Variant("caat"),
-    "caat_random": Variant("caat", {"direction_policy": "random"}, matched=True),
-    "caat_loss_rank": Variant("caat", {"direction_policy": "loss_rank"}, matched=True),
+    "caat_random": Variant("caat", {"direction_policy": "random"}, matched_to="caat"),
+    "caat_loss_rank": Variant("caat", {"direction_policy": "loss_rank"}, matched_to="caat"),
+    # The same two at the share a faster meta-net (meta lr 1e-2) sends anti: which samples
+    # it picks against random ones and the highest-loss ones, at an equal share.
+    "caat_x_random_lr1e-2": Variant("caat", {"direction_policy": "random"},
+                                    matched_to="caat_x_lr1e-2_i5"),
+    "caat_x_loss_rank_lr1e-2": Variant("caat", {"direction_policy": "loss_rank"},
+                                       matched_to="caat_x_lr1e-2_i5"),
 }
 
 # Settings tried while choosing the defaults (by validation metrics only). Straight-through
@@ -69,6 +78,9 @@ EXPLORED = {
     "caat_x_lr1e-4_i5": Variant("caat", {**_NEW, "meta_lr": 1e-4, "meta_interval": 5}),
 }
 ALL = {**VARIANTS, **EXPLORED}
+# What a plain run runs and shows, in table order.
+DEFAULT = ["trades", "frl", "caat_original", "caat", "caat_random", "caat_loss_rank",
+           "caat_x_lr1e-2_i5", "caat_x_random_lr1e-2", "caat_x_loss_rank_lr1e-2"]
 
 COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
            "worst_class_natural_acc": "worst nat", "worst_class_robust_acc": "worst rob"}
@@ -76,9 +88,10 @@ DIAGNOSTICS = {"frac_anti_first": "anti 1st", "frac_anti_last": "anti last",
                "anti_noisy_auc_last": "AUC last", "meta_pref_noisy_auc_last": "pref AUC"}
 
 
-def matched_fraction(df: pd.DataFrame, scenario: str, seeds: list[int]) -> float | None:
-    """`caat`'s mean frac_anti over its epochs and seeds, once every seed has finished."""
-    rows = df[(df.scenario == scenario) & (df.method == "caat")]
+def matched_fraction(df: pd.DataFrame, scenario: str, seeds: list[int],
+                     variant: str = "caat") -> float | None:
+    """A variant's mean frac_anti over its epochs and seeds, once every seed has finished."""
+    rows = df[(df.scenario == scenario) & (df.method == variant)]
     if sorted(int(s.removeprefix("seed")) for s in rows.seed) != sorted(seeds):
         return None
     return round(float(rows.frac_anti_mean.mean()), 3)
@@ -92,13 +105,20 @@ def planned(names: list[str], args: argparse.Namespace, root: Path,
     for scenario in args.scenarios:
         for name in names:
             variant = ALL[name]
-            if variant.matched != matched_only:
+            if (variant.matched_to is not None) != matched_only:
                 continue
             knobs = dict(variant.knobs)
-            if variant.matched:
-                fraction = matched_fraction(df, scenario, args.seeds) if len(df) else None
+            if variant.matched_to is not None:
+                fraction = (matched_fraction(df, scenario, args.seeds, variant.matched_to)
+                            if len(df) else None)
                 if fraction is None:
-                    print(f"# {scenario}/{name}: waits for every seed of caat", flush=True)
+                    print(f"# {scenario}/{name}: waits for every seed of {variant.matched_to}",
+                          flush=True)
+                    continue
+                if fraction == 0.0:
+                    # Nobody anti-adversarial: the same training as the variant it matches.
+                    print(f"# {scenario}/{name}: {variant.matched_to} sent no sample anti "
+                          "(anti_fraction 0 = the same training); not run", flush=True)
                     continue
                 knobs["anti_fraction"] = fraction
             for seed in args.seeds:
@@ -150,7 +170,7 @@ def table(df: pd.DataFrame, names: list[str], split: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/noise_imbalance")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+    parser.add_argument("--variants", nargs="+", default=DEFAULT,
                         help=f"names, or 'explored' for {', '.join(EXPLORED)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
@@ -178,9 +198,10 @@ def main() -> None:
     df = collect(root)
     print(table(df[df.method.isin(names)], names, args.split))
     for scenario in args.scenarios:
-        fraction = matched_fraction(df, scenario, args.seeds) if len(df) else None
-        if fraction is not None:
-            print(f"# {scenario}: anti_fraction of caat_random / caat_loss_rank = {fraction}")
+        for target in sorted({ALL[n].matched_to for n in names if ALL[n].matched_to}):
+            fraction = matched_fraction(df, scenario, args.seeds, target) if len(df) else None
+            if fraction is not None:
+                print(f"# {scenario}: anti_fraction matched to {target}: {fraction}")
 
 
 if __name__ == "__main__":

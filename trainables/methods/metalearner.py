@@ -25,7 +25,7 @@ class MetaLearner(Method):
         m = cfg.method
         self.meta_net = MetaNet(self.meta_in, m.meta_hidden, self.meta_out,
                                 norm=self.meta_norm()).to(data.device)
-        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=m.meta_lr,
+        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=cfg.meta_lr,
                                                weight_decay=1e-4)
         self.batches = 0
         self._grad_norms: list[float] = []
@@ -33,7 +33,7 @@ class MetaLearner(Method):
     def meta_due(self) -> bool:
         """Counts batches; a meta step follows every `meta_interval`-th one."""
         self.batches += 1
-        return self.batches % self.cfg.method.meta_interval == 0
+        return self.batches % self.cfg.meta_interval == 0
 
     def meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of the clean meta set (global RNG: seeded and checkpointed)."""
