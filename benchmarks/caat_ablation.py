@@ -39,7 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from noise_imbalance_table import SCENARIOS, collect, is_done, run_one, trial_config
+from noise_imbalance_table import (
+    SCENARIOS,
+    collect,
+    is_done,
+    markdown_rows,
+    run_one,
+    trial_config,
+)
 
 
 @dataclass(frozen=True)
@@ -138,17 +145,9 @@ def run(todo: list[tuple[dict, str]], jobs: int) -> None:
             print(f"[{i}/{len(todo)}] {out}: {secs / 60:.1f} min", flush=True)
 
 
-def _cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
-    values = rows[key].dropna()
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{values.mean():.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
-
-
 def table(df: pd.DataFrame, names: list[str], split: str) -> str:
     prefix = "val_" if split == "val" else ""
+    columns = {prefix + k: 1 for k in COLUMNS} | dict.fromkeys(DIAGNOSTICS, 2)
     lines = []
     for scenario, block in df.groupby("scenario", sort=False):
         lines.append(f"\n{scenario} ({split} accuracy %, mean ± std over seeds; frac_anti and "
@@ -156,14 +155,7 @@ def table(df: pd.DataFrame, names: list[str], split: str) -> str:
         lines.append("| variant | n | " + " | ".join(COLUMNS.values()) + " | "
                      + " | ".join(DIAGNOSTICS.values()) + " | min/trial |")
         lines.append("|---|---|" + "---|" * (len(COLUMNS) + len(DIAGNOSTICS) + 1))
-        for name in names:
-            rows = block[block.method == name]
-            if rows.empty:
-                continue
-            cells = [_cell(rows, prefix + k) for k in COLUMNS]
-            cells += [_cell(rows, k, 2) for k in DIAGNOSTICS]
-            lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
-                         + f" | {rows.minutes.mean():.1f} |")
+        lines += markdown_rows(block, names, columns)
     return "\n".join(lines)
 
 
@@ -196,7 +188,8 @@ def main() -> None:
         # The matched variants need caat's frac_anti: planned only now.
         run(planned(names, args, root, matched_only=True), args.jobs)
     df = collect(root)
-    print(table(df[df.method.isin(names)], names, args.split))
+    print(table(df[df.method.isin(names) & df.scenario.isin(args.scenarios)], names,
+                args.split))
     for scenario in args.scenarios:
         for target in sorted({ALL[n].matched_to for n in names if ALL[n].matched_to}):
             fraction = matched_fraction(df, scenario, args.seeds, target) if len(df) else None

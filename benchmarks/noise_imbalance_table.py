@@ -107,20 +107,37 @@ def collect(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
+    """mean ± sample std over the rows (just the mean for one; - for none)."""
+    values = rows[key].dropna()
+    if values.empty:
+        return "-"
+    if len(values) == 1:
+        return f"{values.mean():.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+def markdown_rows(block: pd.DataFrame, names: list[str], columns: dict[str, int]) -> list[str]:
+    """One markdown row per name present in `block` (its `method` column): n, a cell per
+    column key (with its digits), and the mean minutes per trial."""
+    lines = []
+    for name in names:
+        rows = block[block.method == name]
+        if rows.empty:
+            continue
+        cells = [cell(rows, key, digits) for key, digits in columns.items()]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
+                     + f" | {rows.minutes.mean():.1f} |")
+    return lines
+
+
 def table(df: pd.DataFrame) -> str:
     lines = []
     for scenario, block in df.groupby("scenario", sort=False):
         lines.append(f"\n{scenario} (test accuracy %, mean ± std over seeds)\n")
         lines.append("| method | n | " + " | ".join(COLUMNS.values()) + " | min/trial |")
         lines.append("|---|---|" + "---|" * (len(COLUMNS) + 1))
-        for method in METHODS:
-            rows = block[block.method == method]
-            if rows.empty:
-                continue
-            cells = [f"{rows[k].mean():.1f} ± {rows[k].std(ddof=1):.1f}" if len(rows) > 1
-                     else f"{rows[k].mean():.1f}" for k in COLUMNS]
-            lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells)
-                         + f" | {rows.minutes.mean():.1f} |")
+        lines += markdown_rows(block, METHODS, dict.fromkeys(COLUMNS, 1))
     return "\n".join(lines)
 
 

@@ -962,9 +962,17 @@ def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
     axes[-1].set_xlabel("class")
     axes[0].legend(ncol=min(len(methods), 7), loc="lower center", bbox_to_anchor=(0.5, 1.12),
                    frameon=False)
+    return save_scenario_figure(fig, scenario, srow, "per-class accuracy, mean over seeds",
+                                path)
+
+
+def save_scenario_figure(fig: Any, scenario: str, srow: pd.Series, what: str,
+                         path: Path) -> Path:
+    """Title a one-scenario figure ("<scenario> (<its factors>): <what>"), save it, close it."""
+    import matplotlib.pyplot as plt
+
     desc = describe_scenario(srow)
-    fig.suptitle(f"{scenario}" + (f" ({desc})" if desc else "") + ": per-class accuracy, "
-                 "mean over seeds", fontsize=12)
+    fig.suptitle(f"{scenario}" + (f" ({desc})" if desc else "") + f": {what}", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1324,13 +1332,8 @@ def plot_caat_directions(summary: Summary, scenario: str, path: Path) -> Path | 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    desc = describe_scenario(srow)
-    fig.suptitle(f"{scenario}" + (f" ({desc})" if desc else "") + ": CAAT's directions; "
-                 "mean over seeds, faint: each seed", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_scenario_figure(fig, scenario, srow,
+                                "CAAT's directions; mean over seeds, faint: each seed", path)
 
 
 # ---------------------------------------------------------------------------------- driver
