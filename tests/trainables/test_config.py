@@ -18,6 +18,29 @@ def test_cifar_default_eps_is_8_over_255():
     assert load_config({"dataset": {"name": "cifar10"}}).train_eps == pytest.approx(8 / 255)
 
 
+@pytest.mark.parametrize("method, interval, lr", [("caat", 5, 1e-4), ("mwn", 50, 1e-3),
+                                                  ("trades", 50, 1e-3)])
+def test_meta_defaults_are_per_method_and_resolved(method, interval, lr):
+    cfg = load_config({"method": {"name": method}})
+    assert cfg.method.meta_interval is None and cfg.method.meta_lr is None
+    assert (cfg.meta_interval, cfg.meta_lr) == (interval, lr)
+    resolved = cfg.resolved()["method"]
+    assert (resolved["meta_interval"], resolved["meta_lr"]) == (interval, lr)
+    # A value in the config wins, whatever the method.
+    cfg = load_config({"method": {"name": method, "meta_interval": 7, "meta_lr": 0.01}})
+    assert (cfg.meta_interval, cfg.meta_lr) == (7, 0.01)
+
+
+def test_caat_meta_knobs_validate():
+    with pytest.raises(ConfigError, match="method.direction_policy: allowed: 'meta'"):
+        load_config({"method": {"direction_policy": "oracle"}})
+    with pytest.raises(ConfigError, match="method.anti_fraction: Input should be less than"):
+        load_config({"method": {"anti_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="method.meta_temperature: Input should be greater"):
+        load_config({"method": {"meta_temperature": 0}})
+    assert load_config({"method": {"meta_temperature": None}}).method.meta_temperature is None
+
+
 def test_dotted_overrides_parse_yaml_scalars():
     cfg = load_config({"method": {"beta": 1.0}},
                       ["method.beta=6", "method.name=pgd_at", "optim.nesterov=false",

@@ -89,6 +89,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
     if method == "caat":
         assert {"meta_net.net.1.weight", "meta_optimizer.state.0.exp_avg", "multipliers.lam",
                 "class_mean_loss"} <= set(a)
+        # The per-class diagnostics' history survives the interruption too.
+        for key in ("train_class_frac_anti_by_epoch", "train_class_mean_eps_by_epoch"):
+            assert len(resumed.metrics[key]) == 3
+            assert resumed.metrics[key] == straight.metrics[key]
 
 
 def test_same_seed_same_result_other_seed_differs(tmp_path, fmnist_small):
