@@ -18,7 +18,7 @@ def test_cifar_default_eps_is_8_over_255():
     assert load_config({"dataset": {"name": "cifar10"}}).train_eps == pytest.approx(8 / 255)
 
 
-@pytest.mark.parametrize("method, interval, lr", [("caat", 5, 1e-4), ("mwn", 50, 1e-3),
+@pytest.mark.parametrize("method, interval, lr", [("caat", 20, 1e-4), ("mwn", 50, 1e-3),
                                                   ("trades", 50, 1e-3)])
 def test_meta_defaults_are_per_method_and_resolved(method, interval, lr):
     cfg = load_config({"method": {"name": method}})
