@@ -73,6 +73,7 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
                       if k.startswith("val_")}
     metrics["history"] = result.history
     metrics["config"] = cfg
+    metrics["resolved"] = result.config.resolved()  # what ran, defaults filled in
     metrics["seconds"] = time.perf_counter() - t0
     # The model too, for benchmarks/independent_pgd.py's cross-check of robust_acc.
     save_checkpoint(result.model, Path(out) / "model.pt")
@@ -81,9 +82,22 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
 
 
 def is_done(out: Path, cfg: dict) -> bool:
-    """A finished trial of this very config (a result of another config is stale: re-run)."""
+    """A finished trial of this very config, defaults resolved as they are now: a result of
+    another config, or of the same config under other defaults, is stale and re-run."""
+    from trainables.config import validate
+
     path = out / "metrics.json"
-    return path.is_file() and json.loads(path.read_text())["config"] == cfg
+    if not path.is_file():
+        return False
+    stored = json.loads(path.read_text())
+    resolved = stored.get("resolved")
+    if resolved is None and (out / "checkpoint").is_dir():
+        # Results written before `resolved` was recorded: the trial's last checkpoint
+        # holds the config it ran with.
+        from trainables.trial import load_state
+
+        resolved = load_state(out / "checkpoint")["config"]
+    return resolved == validate(cfg).resolved()
 
 
 def collect(root: Path) -> pd.DataFrame:
