@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -59,11 +60,16 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
 
 def run_one(cfg: dict, out: str) -> tuple[str, float]:
     """One trial in a worker process (resumes from its checkpoint if one is there)."""
+    from trainables.config import validate
     from trainables.models import save_checkpoint
-    from trainables.trial import DirectoryReporter, run_trial
+    from trainables.trial import DirectoryReporter, load_state, run_trial
 
     t0 = time.perf_counter()
     reporter = DirectoryReporter(Path(out))
+    resume = reporter.latest_checkpoint()
+    if resume is not None and load_state(resume)["config"] != validate(cfg).resolved():
+        # A checkpoint of another config (or of other defaults) is no state to resume from.
+        shutil.rmtree(resume)
     result = run_trial(cfg, reporter)
     metrics = {k.removeprefix("test_"): v for k, v in result.metrics.items()
                if k.startswith("test_")}
