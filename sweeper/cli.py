@@ -17,6 +17,11 @@ from typing import Any
 from trainables.config import ConfigError
 
 EXIT_BAD_INPUT = 2
+DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sweep exits 2 "
+                "naming the driver that holds it. Ctrl-C or SIGTERM stops the sweep cleanly "
+                "(trials keep their last epoch's checkpoint, their runs are marked "
+                "interrupted) and prints the resume command; exit status 130 (SIGINT) or 143 "
+                "(SIGTERM).")
 
 
 class CliError(ConfigError):
@@ -31,15 +36,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from trainables import models
     from trainables.config import load_config
-    from trainables.trial import DirectoryReporter, load_state, run_trial
+    from trainables.trial import DirectoryReporter, run_trial
 
     cfg = load_config(args.config, args.set or ())
     out = Path(args.out)
     reporter = DirectoryReporter(out, on_report=lambda m: tqdm.write(format_epoch(m)))
+    check_out_dir(out, reporter, cfg.resolved(), force=args.force)
     resume = reporter.latest_checkpoint()
-    if resume is not None and load_state(resume)["config"] != cfg.resolved():
-        raise CliError(f"--out: {out} holds an unfinished trial of a different config; "
-                       "choose another directory or delete it")
     # Nothing is created in OUT until the first epoch reports: bad data or scenario
     # settings fail before anything is written.
     if resume is not None:
@@ -66,6 +69,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test natural acc {final['natural_acc']:.4f}  robust acc {final['robust_acc']:.4f}  "
           f"worst-class natural {final['worst_class_natural_acc']:.4f}  -> {out}/metrics.json")
     return 0
+
+
+def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> None:
+    """Refuse to overwrite a run of another config, finished or not, unless `force`; with
+    `force` that run is discarded so the new one starts from scratch."""
+    from trainables.trial import load_state
+
+    finished = out / "metrics.json"
+    resume = reporter.latest_checkpoint()
+    if resume is not None and load_state(resume)["config"] != config:
+        what = "an unfinished trial"
+    elif resume is None and finished.is_file() and _stored_config(finished) != config:
+        what = "a finished trial"
+    else:
+        return
+    if not force:
+        raise CliError(f"--out: {out} holds {what} of a different config; choose another "
+                       "directory, or pass --force to replace it")
+    shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
+    for name in ("metrics.json", "model.pt"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _stored_config(metrics_file: Path) -> Any:
+    try:
+        return json.loads(metrics_file.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable: not a run of this config
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +134,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     return search.launch(args.space, name=args.name, storage=args.storage,
                          tracking_uri=args.tracking_uri, address=args.address,
-                         options=search.SweepOptions(verbose=0 if args.quiet else 1))
+                         options=search.SweepOptions(verbose=0 if args.quiet else 1),
+                         force=args.force)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -128,12 +160,27 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from sweeper.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_port_free(args.port)
     # 127.0.0.1 only: the UI has no authentication (tunnel with ssh -L to reach it).
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)",
           file=sys.stderr)
     return subprocess.call(cmd)
+
+
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """Refuse a busy port before the UI starts (uvicorn would fail after we printed a URL)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise CliError(f"--port: {port} is not a port number (1-65535)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise CliError(f"--port: {host}:{port} is not free ({err.strerror or err}); "
+                           "choose another with --port") from None
 
 
 # ---------------------------------------------------------------------------- analyze
@@ -188,26 +235,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override, e.g. --set method.name=erm (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a run of another config in OUT (finished or not)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("launch", help="start a sweep (Ray Tune + Optuna + ASHA, MLflow)",
                        description="Validate SPACE (exit 2 on any problem, before anything "
                                    "is written), then run the sweep: per-cell Optuna "
                                    "studies with ASHA, then confirmation seeds. Shows Ray's "
-                                   "live progress table; every trial is an MLflow run.")
+                                   "live progress table; every trial is an MLflow run. "
+                                   + DRIVER_NOTES)
     p.add_argument("space", help="search-space YAML, e.g. search_spaces/quick.yaml")
     p.add_argument("--name", help="sweep name (default: the space's `name`, else file stem)")
     _storage_arg(p)
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///mlflow.db; http://host:port "
                         "for a tracking server)")
+    p.add_argument("--force", action="store_true",
+                   help="run a space with more trials than its max_trials (default 10000)")
     _address_arg(p)
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("resume", help="continue an interrupted sweep",
                        description="Continue sweep NAME from its storage: unfinished trials "
                                    "resume from their checkpoints, the Optuna studies and "
-                                   "MLflow runs are kept, then the confirmation phase runs.")
+                                   "MLflow runs are kept, then the confirmation phase "
+                                   "runs. The space is the one stored at launch (a note says "
+                                   "when the file has been edited since). " + DRIVER_NOTES)
     p.add_argument("name", help="sweep name")
     _storage_arg(p)
     _address_arg(p)

@@ -45,6 +45,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from sweeper import storage as st
+from sweeper.lock import SweepLock
+from sweeper.signals import StopSignals
 from sweeper.spaces import Cell, SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback, resolve_tracking_uri, trial_outcome
 from trainables.config import ConfigError, validate
@@ -558,18 +561,38 @@ def _init_ray(address: str | None, options: SweepOptions) -> None:
 
 def launch(space_path: str, *, name: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, address: str | None = None,
-           options: SweepOptions | None = None) -> int:
+           options: SweepOptions | None = None, force: bool = False) -> int:
     """`caat-sweep launch`: check everything, then run a new sweep to its end.
 
     Every check that can fail on bad input comes before the first write to storage or
-    MLflow, so a rejected launch leaves nothing behind."""
+    MLflow, so a rejected launch leaves nothing behind. `force` lets a space through that
+    has more trials than its `max_trials`."""
     from sweeper.spaces import load_space
 
     options = options or SweepOptions()
     plan = load_space(space_path, name=name)
+    if not force:
+        check_size(plan)
     storage = st.resolve_storage(storage)
     tracking_uri = resolve_tracking_uri(tracking_uri)
     faults = parse_fault_rules(os.environ.get(FAULT_ENV))
+    st.check_writable(storage)
+    with SweepLock(storage, plan.name), StopSignals() as stop:
+        return _launch(plan, storage, tracking_uri, address, faults, options, stop)
+
+
+def check_size(plan: SweepPlan) -> None:
+    """Refuse a space whose trials could not finish in any sane time (a typo, usually)."""
+    n, limit = plan.n_trials(), plan.space.max_trials
+    if n > limit:
+        raise ConfigError(
+            f"trials_per_cell: {plan.space.trials_per_cell} makes {n} trials in "
+            f"{len(plan.cells)} cells, more than max_trials ({limit}); lower it, raise "
+            "max_trials in the space, or pass --force")
+
+
+def _launch(plan: SweepPlan, storage: str, tracking_uri: str, address: str | None,
+            faults: list[FailRule], options: SweepOptions, stop: StopSignals) -> int:
     if st.sweep_exists(storage, plan.name):
         raise ConfigError(f"--name: a sweep {plan.name!r} exists in {storage}; continue it "
                           f"with `caat-sweep resume {plan.name}` or choose another --name")
@@ -585,9 +608,10 @@ def launch(space_path: str, *, name: str | None = None, storage: str | None = No
                                   plan.text)
     manifest = st.Manifest(name=plan.name, storage=storage, tracking_uri=tracking_uri,
                            space_text=plan.text, space_source=plan.source, address=address,
-                           experiment_id=tracker.experiment_id(), parent_run_id=parent)
+                           experiment_id=tracker.experiment_id(), parent_run_id=parent,
+                           extra={"space_path": str(Path(plan.source).resolve())})
     manifest.save()
-    return _run(plan, manifest, tracker, datasets, faults, options, restore=False)
+    return _run(plan, manifest, tracker, datasets, faults, options, stop, restore=False)
 
 
 def resume(name: str, *, storage: str | None = None, address: str | None = None,
@@ -595,23 +619,46 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     """`caat-sweep resume`: continue a sweep from its storage (studies, trials, MLflow)."""
     options = options or SweepOptions()
     storage = st.resolve_storage(storage)
-    manifest = st.load_manifest(storage, name)
+    st.load_manifest(storage, name)  # an unknown sweep fails here, one line
+    st.check_writable(storage)
+    with SweepLock(storage, name), StopSignals() as stop:
+        # Read under the lock: a driver that held it may have just finished the sweep.
+        return _resume(st.load_manifest(storage, name), address, options, stop)
+
+
+def _resume(manifest: st.Manifest, address: str | None, options: SweepOptions,
+            stop: StopSignals) -> int:
     if manifest.state == "done":
-        print(f"sweep {name} is complete; `caat-sweep status {name}` shows it",
-              file=sys.stderr)
+        print(f"sweep {manifest.name} is complete; `caat-sweep status {manifest.name}` "
+              "shows it", file=sys.stderr)
         return 0
     plan = parse_space(_yaml(manifest.space_text), text=manifest.space_text,
                        source=manifest.space_source, name=manifest.name)
+    note_space_edits(manifest)
     faults = parse_fault_rules(os.environ.get(FAULT_ENV))
     datasets = load_datasets(plan)
     tracker = Tracker(manifest.tracking_uri, plan.name)
     tracker.check_reachable()
     _init_ray(address or manifest.address, options)
-    st.check_shared(storage)
+    st.check_shared(manifest.storage)
     manifest.parent_run_id = tracker.start_parent(
         plan.space.selection.metric, plan.space.selection.mode, plan.text)
     manifest.save()
-    return _run(plan, manifest, tracker, datasets, faults, options, restore=True)
+    return _run(plan, manifest, tracker, datasets, faults, options, stop, restore=True)
+
+
+def note_space_edits(manifest: st.Manifest) -> None:
+    """Say so when the space file launched has been edited since: resume runs the stored
+    copy (its studies and trials belong to that space), never the file on disk."""
+    source = Path(manifest.extra.get("space_path", manifest.space_source))
+    try:
+        on_disk = source.read_text()
+    except OSError:
+        return  # moved or deleted: nothing to compare
+    if on_disk != manifest.space_text:
+        print(f"note: {source} has changed since sweep {manifest.name} was launched; resume "
+              "continues the space as launched (kept in sweep.json); launch a new sweep "
+              "under another --name to run the edited one", file=sys.stderr)
 
 
 def _yaml(text: str) -> dict:
@@ -622,7 +669,7 @@ def _yaml(text: str) -> dict:
 
 def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
          datasets: dict[str, SharedSplits], faults: list[FailRule], options: SweepOptions,
-         restore: bool) -> int:
+         stop: StopSignals, restore: bool) -> int:
     from ray import tune
 
     warm = prepare_warm_starts(plan, datasets, manifest.sweep_dir)
@@ -640,12 +687,13 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
                                    resume_errored=False, restart_errored=False)
     else:
         tuner = _new_tuner(plan, manifest, trainable, options)
+    stop.install()  # ray.init replaced it
     try:
         grid = tuner.fit()
     except BaseException:
         tracker.end_parent(manifest.parent_run_id, "KILLED")
         raise
-    return _finish(plan, manifest, tracker, grid)
+    return _finish(plan, manifest, tracker, grid, stop)
 
 
 def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: SweepOptions):
@@ -676,9 +724,10 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
             progress_reporter=reporter, verbose=options.verbose))
 
 
-def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid) -> int:
+def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
+            stop: StopSignals) -> int:
     """Record how the run ended: complete (manifest `done`, parent FINISHED) or stopped
-    early by Ctrl-C (parent KILLED; `resume` continues)."""
+    early by Ctrl-C or SIGTERM (parent KILLED; `resume` continues)."""
     searcher = CellSearcher(plan)
     state = load_search_state(manifest.sweep_dir)
     if state is not None:
@@ -688,7 +737,7 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid) -> i
         tracker.end_parent(manifest.parent_run_id, "KILLED")
         print(f"sweep {plan.name} interrupted ({len(grid)} trials so far); "
               f"`caat-sweep resume {plan.name}` continues it", file=sys.stderr)
-        return 130
+        return stop.exit_code
     manifest.state = "done"
     manifest.save()
     tracker.end_parent(manifest.parent_run_id, "FINISHED")

@@ -31,6 +31,7 @@ runs (see `sweeper.search`). The format, with every key and its default::
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
     keep_checkpoints: 2          # per trial, the newest (null: all; see below)
     optuna: {seed: 0, n_startup_trials: 10}
+    max_trials: 10000            # refused at launch above this (`launch --force` overrides)
 
 Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, high, log?,
 step?}``, ``{type: categorical, choices: [...]}``. Search keys must be `method.*` or
@@ -225,6 +226,9 @@ class SweepSpace(_Strict):
     # (so more work is redone on resume).
     keep_checkpoints: int | None = Field(default=2, ge=1)
     optuna: OptunaSpec = OptunaSpec()
+    # More trials than this is refused at launch (`--force` lets it through): a typo such as
+    # trials_per_cell: 1000000000 would start a sweep whose confirmation never comes.
+    max_trials: int = Field(default=10_000, ge=1)
 
     @field_validator("methods")
     @classmethod
@@ -271,6 +275,10 @@ class SweepPlan:
     def n_tune(self, cell: Cell) -> int:
         """Tuning trials of a cell: one when there is nothing to search."""
         return self.space.trials_per_cell if cell.space else 1
+
+    def n_trials(self) -> int:
+        """Every trial the sweep runs: tuning, then one per confirmation seed, per cell."""
+        return sum(self.n_tune(c) + len(self.space.confirm.seeds) for c in self.cells)
 
     def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None) -> dict:
         """The nested trial config of one trial: the cell's, sampled values, the seed."""

@@ -139,6 +139,32 @@ def load_tensors(uri: str) -> dict:
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
+# ----------------------------------------------------------------------- storage checks
+
+
+def check_writable(storage: str) -> None:
+    """Refuse (one line, exit 2) a local storage that is a file or cannot be written, before
+    Ray starts; leaves no directory behind. Cloud URIs are checked by their first write."""
+    if is_uri(storage) and not storage.startswith("file://"):
+        filesystem(storage)  # an unknown scheme or bad bucket URI fails here
+        return
+    root = Path(storage.removeprefix("file://"))
+    blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--storage: {storage}: {blocker} is a file, not a directory")
+    created = [p for p in [root, *root.parents] if not p.exists()]
+    marker = root / f".caat-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        marker.write_text("writable?")
+    except OSError as err:
+        raise ConfigError(f"--storage: cannot write to {storage} ({_one_line(err)})") from None
+    finally:
+        marker.unlink(missing_ok=True)
+        for path in created:  # deepest first
+            _remove_empty(path)
+
+
 # --------------------------------------------------------------- multi-node storage check
 
 

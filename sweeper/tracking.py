@@ -85,6 +85,31 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready. Two processes that open a fresh SQLite file at
+    once both create MLflow's tables and break it for good (alembic's temporary tables
+    collide): the first creates them while holding a lock on the file's directory, the
+    others wait, then find them made."""
+    from mlflow import MlflowClient
+
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return MlflowClient(tracking_uri=tracking_uri)
+    import fcntl
+    import os
+
+    folder = Path(tracking_uri[len(prefix):]).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)  # the store is open: its tables exist
+    finally:
+        os.close(fd)  # releases the lock
+    return client
+
+
 def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
     """The trial metrics in a Ray result: run_trial's scalars, without Ray's keys."""
     out = {}
@@ -117,9 +142,7 @@ class Tracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
 
     def check_reachable(self) -> None:
