@@ -410,8 +410,10 @@ def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch:
     """`val_*` and `test_*` metrics; intermediate epochs may use a fixed random subset."""
     out: dict[str, Any] = {}
     device = problem.test_x.device
-    for i, (split, x, y) in enumerate((("val", problem.val_x, problem.val_y),
-                                       ("test", problem.test_x, problem.test_y))):
+    splits = [("val", problem.val_x, problem.val_y), ("test", problem.test_x, problem.test_y)]
+    if not full and cfg.eval.test == "final":
+        splits = splits[:1]
+    for i, (split, x, y) in enumerate(splits):
         cap = cfg.eval.max_samples
         if not full and cap is not None and cap < len(y):
             # Same subset every epoch (epoch key fixed at 0), so the curves are comparable.

@@ -54,6 +54,15 @@ def test_every_epoch_reports_design_metric_names(tmp_path, fmnist_small):
     assert load_state(reporter.checkpoint_dir)["epoch"] == 2
 
 
+def test_eval_test_final_evaluates_test_only_at_the_last_epoch(tmp_path, fmnist_small):
+    seen = []
+    cfg = tiny_config(optim={"epochs": 3}, eval={"steps": 2, "max_samples": 200,
+                                                 "test": "final"})
+    run_trial(cfg, DirectoryReporter(tmp_path, on_report=seen.append), splits=fmnist_small)
+    assert [("val_robust_acc" in m, "test_robust_acc" in m) for m in seen] == [
+        (True, False), (True, False), (True, True)]
+
+
 def flat_tensors(tree, prefix=""):
     """Every tensor and number in a nested state dict, by path."""
     if isinstance(tree, dict):
