@@ -39,6 +39,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainables.trial import DirectoryReporter, run_trial
 
     cfg = load_config(args.config, args.set or ())
+    if cfg.eval.test == "none":
+        raise CliError("eval.test: none evaluates no test split, and `train` reports test "
+                       "metrics; allowed here: every, final")
     out = Path(args.out)
     reporter = DirectoryReporter(out, on_report=lambda m: tqdm.write(format_epoch(m)))
     check_out_dir(out, reporter, cfg.resolved(), force=args.force)

@@ -187,7 +187,7 @@ class CellSearcher(Searcher):
 
     def _config(self, trial_id: str, cell: Cell, phase: str, params: dict, seed: int | None,
                 tuned_by: str | None = None) -> dict:
-        cfg = self.plan.trial_config(cell, params, seed)
+        cfg = self.plan.trial_config(cell, params, seed, tuning=phase == TUNE)
         meta = trial_meta(cell, phase, cfg, tuned_by)
         self._trials[trial_id] = {**meta, "params": dict(params)}
         return {**cfg, META: meta}

@@ -25,7 +25,8 @@ runs (see `sweeper.search`). The format, with every key and its default::
     trials_per_cell: 3           # tuning trials per cell (1 when a cell has nothing to tune)
     asha: {enabled: true, grace_period: 1, reduction_factor: 3, brackets: 1}
     selection: {metric: val_robust_acc, mode: max}
-    confirm: {seeds: [1, 2, 3]}  # best config of each cell re-run with these seeds
+    confirm: {seeds: [1, 2, 3], tune_test: true}  # best config of each cell re-run with
+                                 # these seeds; tune_test: false = tuning trials skip test
     resources: {cpu: 1, gpu: 0}  # per trial; fractional GPUs allowed
     max_concurrent: null         # cap on concurrent trials (null: as resources allow)
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
@@ -178,6 +179,10 @@ class SelectionSpec(_Strict):
 
 class ConfirmSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    # false: tuning trials evaluate no test split (`eval.test: none`). Selection reads
+    # validation only and the tables read the confirmation runs, so nobody reads those test
+    # numbers; skipping them saves a final PGD evaluation per completed tuning trial.
+    tune_test: bool = True
 
     @field_validator("seeds")
     @classmethod
@@ -185,6 +190,13 @@ class ConfirmSpec(_Strict):
         if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
             raise ValueError(f"needs distinct seeds >= 0, got {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _some_run_tests(self) -> ConfirmSpec:
+        if not self.tune_test and not self.seeds:
+            raise ValueError("tune_test: false needs confirmation seeds, else no run "
+                             "evaluates the test split")
+        return self
 
 
 class ResourcesSpec(_Strict):
@@ -280,13 +292,17 @@ class SweepPlan:
         """Every trial the sweep runs: tuning, then one per confirmation seed, per cell."""
         return sum(self.n_tune(c) + len(self.space.confirm.seeds) for c in self.cells)
 
-    def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None) -> dict:
-        """The nested trial config of one trial: the cell's, sampled values, the seed."""
+    def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None,
+                     tuning: bool = False) -> dict:
+        """The nested trial config of one trial: the cell's, sampled values, the seed; a
+        tuning trial skips the test split when the space says so (`confirm.tune_test`)."""
         cfg = copy.deepcopy(cell.config)
         for key, value in params.items():
             set_dotted(cfg, key, value)
         if seed is not None:
             set_dotted(cfg, "runtime.seed", seed)
+        if tuning and not self.space.confirm.tune_test:
+            set_dotted(cfg, "eval.test", "none")
         return cfg
 
 

@@ -158,10 +158,10 @@ class EvalConfig(_Strict):
     # Cap on samples per split for intermediate evaluations (None: the whole split).
     # The final epoch is always evaluated on the whole val and test splits.
     max_samples: int | None = Field(default=1000, ge=1)
-    # Which epochs evaluate the test split: `every` evaluated epoch (test curves), or only
-    # the `final` one. Nothing selects on test, and in a sweep only the final test metrics
-    # reach the tables: `final` spends that time on training instead.
-    test: Literal["every", "final"] = "every"
+    # Which epochs evaluate the test split: `every` evaluated epoch (test curves), only the
+    # `final` one, or `none` (a sweep's tuning trials when confirmation runs follow: they
+    # are ranked on validation, and the tables read the confirmation runs' test metrics).
+    test: Literal["every", "final", "none"] = "every"
 
 
 class RuntimeConfig(_Strict):

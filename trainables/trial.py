@@ -411,7 +411,7 @@ def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch:
     out: dict[str, Any] = {}
     device = problem.test_x.device
     splits = [("val", problem.val_x, problem.val_y), ("test", problem.test_x, problem.test_y)]
-    if not full and cfg.eval.test == "final":
+    if cfg.eval.test == "none" or (cfg.eval.test == "final" and not full):
         splits = splits[:1]
     for i, (split, x, y) in enumerate(splits):
         cap = cfg.eval.max_samples

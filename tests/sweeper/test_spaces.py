@@ -48,6 +48,19 @@ def test_quick_space_is_the_cpu_demo():
     assert plan.space.resources.gpu == 0 and plan.space.confirm.seeds == [1, 2]
 
 
+def test_tuning_trials_skip_the_test_split_only_when_asked():
+    from sweeper.search import META, CellSearcher
+
+    for tune_test, expected in ((True, "every"), (False, "none")):
+        plan = parse_space(tiny_space(confirm={"seeds": [1], "tune_test": tune_test}))
+        searcher = CellSearcher(plan)
+        tune = searcher.suggest("t1")
+        assert tune[META]["phase"] == "tune" and tune["eval"].get("test", "every") == expected
+        # The confirmation runs, which the tables read, always evaluate test.
+        confirm = plan.trial_config(plan.cells[0], {}, 1)
+        assert confirm["eval"].get("test", "every") == "every"
+
+
 def test_cells_expand_with_ids_spaces_and_fixed_values():
     space = tiny_space(
         scenarios=[{"noise_type": "pair", "noise_rate": 0.4},
@@ -180,6 +193,8 @@ BAD = [
     ("gpu share", _edit(("resources",), {"gpu": 1.5}),
      "resources.gpu: needs a fraction of one GPU or a whole number"),
     ("repeated seeds", _edit(("confirm",), {"seeds": [1, 1]}), "confirm.seeds: needs distinct"),
+    ("no run tests", _edit(("confirm",), {"seeds": [], "tune_test": False}),
+     "confirm: tune_test: false needs confirmation seeds"),
     ("bad sweep name", _edit(("name",), "my sweep"), "name: String should match pattern"),
     ("missing data", _edit(("base", "dataset"), {"name": "cifar10",
                                                   "data_dir": "/nonexistent/cifar"}),

@@ -61,6 +61,12 @@ def test_eval_test_final_evaluates_test_only_at_the_last_epoch(tmp_path, fmnist_
     run_trial(cfg, DirectoryReporter(tmp_path, on_report=seen.append), splits=fmnist_small)
     assert [("val_robust_acc" in m, "test_robust_acc" in m) for m in seen] == [
         (True, False), (True, False), (True, True)]
+    seen.clear()
+    cfg["eval"]["test"] = "none"
+    run_trial(cfg, DirectoryReporter(tmp_path / "none", on_report=seen.append),
+              splits=fmnist_small)
+    assert [("val_robust_acc" in m, "test_robust_acc" in m) for m in seen] == [
+        (True, False)] * 3
 
 
 def flat_tensors(tree, prefix=""):
