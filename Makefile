@@ -2,7 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 # A CPU build is enough for the demo and the tests; on a GPU machine set TORCH_SPEC to
-# the CUDA build you want (pip install happens only when the venv is first made).
+# the CUDA build you want (pip install happens when the venv is made or pyproject.toml
+# changes). torch and the project are installed in one pip call, so the resolver keeps this
+# torch: a requirement that wants another one fails loudly instead of swapping it.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/caat-sweep
@@ -13,15 +15,18 @@ SWEEP ?= quick
 TRACKING_URI ?= sqlite:///mlflow.db
 ANALYSIS_DIR ?= runs/analysis/$(SWEEP)
 
-.PHONY: setup data browser demo sweep-demo train-demo analyze ui-screenshot test test-fast lint clean
+.PHONY: setup check-torch data browser demo sweep-demo train-demo analyze ui-screenshot test test-fast lint clean
 
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
 	touch $@
+
+# The installed torch is the one TORCH_SPEC names, and a CPU build on a machine without a GPU.
+check-torch: $(VENV)/.installed
+	$(PY) scripts/check_torch.py "$(TORCH_SPEC)"
 
 # Fashion-MNIST from Debian where we can install packages; elsewhere torchvision
 # downloads it on first use (or point CAAT_DATA_DIR at the four .gz files).

@@ -3,7 +3,8 @@ labels, on the CPU; the trial moves them to its device.
 
 Real datasets are read from their on-disk formats with numpy (IDX for Fashion-MNIST,
 torchvision's pickles for CIFAR) because ``import torchvision`` breaks whenever its compiled
-ops do not match the installed torch; torchvision is imported only to download.
+ops do not match the installed torch; torchvision, an optional extra (`download`), is
+imported only to download.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def _download(dataset: str, root: Path) -> None:
         raise DataError(f"downloads disabled ({ENV_OFFLINE}={os.environ[ENV_OFFLINE]})")
     try:
         import torchvision.datasets as tvd
+    except ModuleNotFoundError:
+        raise DataError("downloading needs torchvision, an optional extra: pip install "
+                        "'caat-sweeper[download]' (a torchvision built for your torch)") from None
     except Exception as err:  # a CUDA/CPU build mismatch raises RuntimeError, not ImportError
         raise DataError(f"torchvision unusable ({type(err).__name__}: {_one_line(err)})") from None
     cls = {"fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}

@@ -16,6 +16,7 @@ from trainables.config import ConfigError, DatasetConfig
 from trainables.data import DataError, DatasetSplits
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+REAL_DOWNLOAD = data._download
 
 
 @pytest.fixture(autouse=True)
@@ -392,3 +393,22 @@ def test_augment_cuda_with_cpu_generator_matches_cpu() -> None:
     cpu = data.augment(x, torch.Generator().manual_seed(3))
     gpu = data.augment(x.cuda(), torch.Generator().manual_seed(3))
     assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)
+
+
+def test_a_download_without_torchvision_says_how_to_get_it(monkeypatch, tmp_path: Path):
+    # torchvision is an optional extra: without it a download fails with the install line.
+    import builtins
+
+    monkeypatch.delenv(data.ENV_OFFLINE, raising=False)
+    real_import = builtins.__import__
+
+    def no_torchvision(name, *args, **kwargs):
+        if name.startswith("torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    with pytest.raises(DataError, match=r"downloading needs torchvision, an optional extra: "
+                                        r"pip install 'caat-sweeper\[download\]'"):
+        REAL_DOWNLOAD("fashion_mnist", tmp_path / "fm")  # not the autouse fixture's stub
+    assert not (tmp_path / "fm").exists()
