@@ -28,8 +28,8 @@ $(VENV)/.installed: pyproject.toml
 check-torch: $(VENV)/.installed
 	$(PY) scripts/check_torch.py "$(TORCH_SPEC)"
 
-# Fashion-MNIST from Debian where we can install packages; elsewhere torchvision
-# downloads it on first use (or point CAAT_DATA_DIR at the four .gz files).
+# Fashion-MNIST from Debian where we can install packages; elsewhere point CAAT_DATA_DIR
+# at the four .gz files, or install the `download` extra (torchvision) to fetch it.
 data:
 	@if [ -f $(FMNIST_DEB_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$CAAT_DATA_DIR" ]; then \
 	  echo "Fashion-MNIST: present"; \
@@ -38,7 +38,7 @@ data:
 	  { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
 	  echo "Fashion-MNIST: installed from Debian"; \
 	else \
-	  echo "Fashion-MNIST: will be downloaded by torchvision on first use"; \
+	  echo "Fashion-MNIST: not found; set CAAT_DATA_DIR to its .gz files, or pip install -e '.[download]' to fetch it"; \
 	fi
 
 # Headless Chromium for the MLflow UI test and README's screenshot (Debian's package, where
