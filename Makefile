@@ -55,7 +55,7 @@ browser:
 	fi
 
 # The main job: the quick sweep of search_spaces/quick.yaml (Fashion-MNIST subset, a noise
-# and an imbalance scenario, ERM / PGD-AT / TRADES / CAAT; about 10 minutes on 2 cores),
+# and an imbalance scenario, ERM / PGD-AT / TRADES / CAAT; about 7 minutes on 2 cores),
 # then its tables and plots in $(ANALYSIS_DIR).
 demo: sweep-demo
 	$(MAKE) --no-print-directory analyze SWEEP=quick

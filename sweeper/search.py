@@ -54,6 +54,7 @@ from ray.tune.search import Searcher
 
 from sweeper import storage as st
 from sweeper.lock import SweepLock
+from sweeper.restore import RESULT_KEY, pop_note, quiet_deleted_checkpoints, resilient
 from sweeper.signals import StopSignals
 from sweeper.spaces import Cell, SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback, resolve_tracking_uri, trial_outcome
@@ -511,6 +512,8 @@ class _FaultyReporter:
 def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
                 warm_starts: Mapping[str, dict], faults: list[FailRule]) -> None:
     """The Ray Tune trainable: one trial of the sweep through `run_trial`."""
+    from ray import tune
+
     from trainables.trial import RayReporter, run_trial, warm_start_key
 
     # One line per checkpoint per epoch from every trial buries the progress table.
@@ -521,7 +524,8 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
     if meta.get("warm_start"):
         # This trial's own key maps to the warm start its scenario and seed share.
         ws = {warm_start_key(cfg): warm_starts[meta["warm_start"]]}
-    reporter = RayReporter()
+    note = pop_note(tune.get_context().get_trial_id())
+    reporter = RayReporter({RESULT_KEY: note} if note else None)
     if faults:
         reporter = _FaultyReporter(reporter, faults, meta["cell"])
     run_trial(cfg, reporter, splits=datasets[meta["data"]].to_splits(), warm_starts=ws)
@@ -674,9 +678,12 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
 
     warm = prepare_warm_starts(plan, datasets, manifest.sweep_dir)
     res = plan.space.resources
-    trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults),
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    trainable = tune.with_resources(resilient(wrap_function(
+        tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults))),
         {"cpu": res.cpu, "gpu": res.gpu})
+    quiet_deleted_checkpoints()
     # Ray's legacy output engine is the one that shows a CLIReporter's live table.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Short epochs make Ray snapshot the experiment often (wanted: less to redo after a

@@ -13,7 +13,9 @@ The schema below is a contract (`sweeper.analysis` and users' scripts read it):
   `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`), `scenario`,
   `method`, `seed`, `phase` (`tune` | `confirm`), `outcome` (`completed` | `pruned` |
   `failed`, set when the trial ends) and, for failed trials, `error` (one line); `retries`
-  when Ray Tune restarted the trial from its checkpoint after a failure.
+  when Ray Tune restarted the trial from its checkpoint after a failure; `restore` when a
+  resume found the trial's recorded checkpoint missing or corrupt and continued from an
+  intact one or from scratch (`sweeper/restore.py`), with `error` naming the corrupt file.
 - Params: the flattened resolved trial config (dotted keys such as `scenario.noise_rate`,
   `method.eps`, from `TrialConfig.resolved()` + `trainables.config.flatten`), logged once.
 - Metrics: the per-epoch scalars `run_trial` reports (`train_loss`, `train_samples_per_s`,
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
+from sweeper.restore import RESULT_KEY as RESTORE_KEY
 from trainables.config import ConfigError
 from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
 
@@ -326,6 +329,8 @@ class TrackingCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict,
                         **info) -> None:
         run_id = self._run(trial)
+        if isinstance(result.get(RESTORE_KEY), str):
+            self._tag_restore(run_id, result[RESTORE_KEY])
         step = int(result.get("epoch", 0))
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # an epoch re-run after a restore: logged already
@@ -354,6 +359,14 @@ class TrackingCallback(Callback):
         self.tracker.reconcile({t.trial_id: t.status for t in trials})
 
     # -- helpers
+
+    def _tag_restore(self, run_id: str, note: str) -> None:
+        """How a resumed trial got past a missing or corrupt checkpoint (sweeper.restore)."""
+        corrupt = note.startswith("error: ")
+        note = note.removeprefix("error: ")
+        self.tracker.client.set_tag(run_id, "restore", one_line(note))
+        if corrupt:
+            self.tracker.client.set_tag(run_id, "error", one_line(note))
 
     def _run(self, trial: Trial) -> str:
         """The trial's run: cached, found by trial id (a restored driver), or created."""
