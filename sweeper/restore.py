@@ -13,9 +13,11 @@ break that, and neither should cost the trial:
 `resilient(trainable)` wraps the sweep's trainable so that its restore checks the recorded
 checkpoint first. When it is missing or does not load, the trial continues from the
 trial's intact checkpoint with the most epochs, or, when none is intact, from scratch
-under the same trial id (so the same MLflow run). It logs one line with the path and the
-reason, and the trial's first result carries that line under `RESULT_KEY`, which the
-tracking callback turns into MLflow tags (`restore`; `error` for a corrupt checkpoint).
+under the same trial id (so the same MLflow run), and logs one line with the path and the
+reason. The choice depends only on the files, so the driver's tracking callback makes
+the same one when the trial starts (`choose_fallback`) and records it as MLflow tags
+(`restore`; `error` for a corrupt checkpoint): the trial's actor is not always the
+process that ran its restore, so nothing is handed over in memory.
 """
 
 from __future__ import annotations
@@ -29,12 +31,7 @@ import pyarrow.fs as pafs
 
 logger = logging.getLogger(__name__)
 
-RESULT_KEY = "restore"  # a string in the trial's first result after a fallback
 CHECKPOINT_PREFIX = "checkpoint_"
-
-# Trial id -> the fallback note, handed from the trainable's restore (Ray calls it on the
-# trial's actor) to the training function (run by that actor next).
-_NOTES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -100,11 +97,6 @@ def choose_fallback(fs: pafs.FileSystem, recorded: str) -> Fallback | None:
     return Fallback(path, epoch, f"resumed from {base} at epoch {epoch} ({where})", corrupt)
 
 
-def pop_note(trial_id: str) -> str | None:
-    """The fallback note of this trial's restore, once (the training function asks)."""
-    return _NOTES.pop(trial_id, None)
-
-
 def resilient(trainable_cls: type) -> type:
     """`trainable_cls` (a Ray Tune Trainable class) with the fallback restore above."""
     from ray.train._internal.checkpoint_manager import _TrainingResult
@@ -120,7 +112,6 @@ def resilient(trainable_cls: type) -> type:
             if fallback is None:
                 return super().restore(checkpoint_path)
             logger.warning("trial %s: %s", self.trial_id, fallback.note)
-            _NOTES[self.trial_id] = ("error: " if fallback.corrupt else "") + fallback.note
             if fallback.path is None:
                 return None  # nothing restored: the training function starts afresh
             intact = Checkpoint(fallback.path, filesystem=checkpoint.filesystem)

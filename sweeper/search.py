@@ -54,7 +54,7 @@ from ray.tune.search import Searcher
 
 from sweeper import storage as st
 from sweeper.lock import SweepLock
-from sweeper.restore import RESULT_KEY, pop_note, quiet_deleted_checkpoints, resilient
+from sweeper.restore import quiet_deleted_checkpoints, resilient
 from sweeper.signals import StopSignals
 from sweeper.spaces import Cell, SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback, resolve_tracking_uri, trial_outcome
@@ -512,8 +512,6 @@ class _FaultyReporter:
 def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
                 warm_starts: Mapping[str, dict], faults: list[FailRule]) -> None:
     """The Ray Tune trainable: one trial of the sweep through `run_trial`."""
-    from ray import tune
-
     from trainables.trial import RayReporter, run_trial, warm_start_key
 
     # One line per checkpoint per epoch from every trial buries the progress table.
@@ -524,8 +522,7 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
     if meta.get("warm_start"):
         # This trial's own key maps to the warm start its scenario and seed share.
         ws = {warm_start_key(cfg): warm_starts[meta["warm_start"]]}
-    note = pop_note(tune.get_context().get_trial_id())
-    reporter = RayReporter({RESULT_KEY: note} if note else None)
+    reporter = RayReporter()
     if faults:
         reporter = _FaultyReporter(reporter, faults, meta["cell"])
     run_trial(cfg, reporter, splits=datasets[meta["data"]].to_splits(), warm_starts=ws)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from sweeper.restore import RESULT_KEY as RESTORE_KEY
+from sweeper.restore import Fallback, choose_fallback
 from trainables.config import ConfigError
 from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
 
@@ -325,12 +325,14 @@ class TrackingCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         run_id = self._run(trial)
         self.tracker.client.update_run(run_id, status="RUNNING")
+        if trial.checkpoint is not None:  # a resume or a retry: restored from a checkpoint
+            fallback = choose_fallback(trial.checkpoint.filesystem, trial.checkpoint.path)
+            if fallback is not None:
+                self._tag_restore(run_id, fallback)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict,
                         **info) -> None:
         run_id = self._run(trial)
-        if isinstance(result.get(RESTORE_KEY), str):
-            self._tag_restore(run_id, result[RESTORE_KEY])
         step = int(result.get("epoch", 0))
         if step <= self._last_step.get(trial.trial_id, 0):
             return  # an epoch re-run after a restore: logged already
@@ -360,13 +362,11 @@ class TrackingCallback(Callback):
 
     # -- helpers
 
-    def _tag_restore(self, run_id: str, note: str) -> None:
+    def _tag_restore(self, run_id: str, fallback: Fallback) -> None:
         """How a resumed trial got past a missing or corrupt checkpoint (sweeper.restore)."""
-        corrupt = note.startswith("error: ")
-        note = note.removeprefix("error: ")
-        self.tracker.client.set_tag(run_id, "restore", one_line(note))
-        if corrupt:
-            self.tracker.client.set_tag(run_id, "error", one_line(note))
+        self.tracker.client.set_tag(run_id, "restore", one_line(fallback.note))
+        if fallback.corrupt:
+            self.tracker.client.set_tag(run_id, "error", one_line(fallback.note))
 
     def _run(self, trial: Trial) -> str:
         """The trial's run: cached, found by trial id (a restored driver), or created."""

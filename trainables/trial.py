@@ -455,18 +455,14 @@ class DirectoryReporter:
 class RayReporter:
     """The adapter between `run_trial` and Ray Tune's session API."""
 
-    def __init__(self, first_extra: dict[str, Any] | None = None) -> None:
+    def __init__(self) -> None:
         from ray import tune
 
         self._tune = tune
         self._restored: tempfile.TemporaryDirectory | None = None
-        # Added to the first report only (how this attempt was restored, for the driver).
-        self._extra = dict(first_extra or {})
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-        scalars.update(self._extra)
-        self._extra = {}
         (checkpoint_dir / "classwise.json").write_text(json.dumps(
             {k: v for k, v in metrics.items() if isinstance(v, list)}))
         self._tune.report(scalars, checkpoint=self._tune.Checkpoint.from_directory(

@@ -154,7 +154,7 @@ def test_driver_killed_at_every_stage_resumes_with_default_checkpoints(
 
 
 def test_corrupt_checkpoints_do_not_fail_their_trials(tmp_path, private_ray_env):  # noqa: F811
-    space = _slow_space("corrupt", epochs=6, n_train=3000, confirm={"seeds": []})
+    space = _slow_space("corrupt", epochs=8, n_train=6000, confirm={"seeds": []})
     path = write_space(tmp_path / "space.yaml", space)
     db, storage = tmp_path / "mlflow.db", tmp_path / "runs"
     args = ["--storage", str(storage), "--quiet"]
@@ -164,12 +164,16 @@ def test_corrupt_checkpoints_do_not_fail_their_trials(tmp_path, private_ray_env)
                             start_new_session=True)
 
     def unfinished_with_checkpoints() -> list[Path]:
-        done = {t for t, _, o, _ in _runs(db) if o is not None}
-        return [d for d in (storage / "corrupt").glob("*/") if d.name not in done
+        """Trials 3-5 epochs in (of 8): long enough in Ray's saved state, far from done."""
+        def epochs(trial_dir: Path) -> int:
+            result = trial_dir / "result.json"
+            return len(result.read_text().splitlines()) if result.is_file() else 0
+
+        return [d for d in (storage / "corrupt").glob("*/") if 3 <= epochs(d) <= 5
                 and len(list(d.glob("checkpoint_*/state.pt"))) >= 2]
 
     try:
-        _wait(unfinished_with_checkpoints, 300, "a running trial with 2 checkpoints", proc)
+        _wait(unfinished_with_checkpoints, 300, "a trial 3 epochs in", proc)
     finally:
         kill_session(proc)
     # Truncate every checkpoint of the unfinished trials: whichever one Ray's saved state
