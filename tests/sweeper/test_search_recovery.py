@@ -125,7 +125,10 @@ def test_driver_killed_at_every_stage_resumes_with_default_checkpoints(
     assert len(ids) == len(set(ids)), "duplicate runs for one trial"
     assert not [r for r in runs if r.info.status == "RUNNING"]
     trials = _ray_trials(storage / "killed")
-    assert sorted(ids) == sorted(trials) and len(trials) == 2 * 3 + 2 * 2
+    assert set(ids) == set(trials), (f"runs without a Ray trial: {set(ids) - set(trials)}; "
+                                     f"Ray trials without a run: {set(trials) - set(ids)}; "
+                                     f"Ray's: {trials}")
+    assert len(trials) == 2 * 3 + 2 * 2
     assert {r.data.tags["outcome"] for r in runs} <= {"completed", "pruned"}, "a failed trial"
     # Runs finished before a kill are found again by trial id: the same runs. (A trial
     # started after Ray's last saved state is unknown to it, re-run under a new id, and
