@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sweeper._tracking_uri import resolve_tracking_uri
 from trainables.config import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order, with their headers.
@@ -66,7 +67,6 @@ LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error"
 
 REFERENCE = "trades"
 DEFAULT_SELECTION_METRIC = "val_robust_acc"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "caat-sweep/"
 
 # Paper order of the methods; methods not listed follow alphabetically.
@@ -123,15 +123,6 @@ class Summary:
 
 
 # ---------------------------------------------------------------------------------- loading
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """--tracking-uri, else ./mlflow.db: the same default as launch, resume and status."""
-    uri = uri or DEFAULT_TRACKING_URI
-    if "://" not in uri and Path(uri).is_file():
-        # A bare path to the SQLite file is what people type; MLflow wants a URI.
-        uri = f"sqlite:///{Path(uri).resolve()}"
-    return uri
 
 
 def _check_store_exists(uri: str) -> None:
