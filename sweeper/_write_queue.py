@@ -10,9 +10,11 @@ write whose answer was lost (it may have landed) is simply sent again.
 `WriteQueue` sends ops in order. The first that fails for want of a server marks it down for
 a back-off (5 s, doubling up to 60 s); until then new ops only queue, so the Tune loop waits
 for at most one short request (10 s timeout, no client retries) per back-off instead of
-MLflow's default minutes of retries. What is still queued is kept in the sweep's storage
-(`tracking_queue.json`): on each failed attempt, every 10 s while ops queue, and when the
-driver ends. `caat-sweep sync NAME` and `caat-sweep resume NAME` send it.
+MLflow's default minutes of retries. Once the server answers again, the backlog goes out in
+slices of 2 s per Tune event, so catching up does not stall the loop either. What is still
+queued is kept in the sweep's storage (`tracking_queue.json`): on each failed attempt, every
+10 s while ops queue, and when the driver ends. `caat-sweep sync NAME` and `caat-sweep
+resume NAME` send it.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ FORMAT, VERSION = "caat-sweep tracking queue", 1
 REQUEST_TIMEOUT_S = 10
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 5.0, 60.0
 SAVE_EVERY_S = 10.0
+# A backlog goes out in slices of this many seconds per Tune event, not in one long stall.
+SLICE_S = 2.0
 
 
-def queue_path(sweep_dir: str) -> str:
+def pending_path(sweep_dir: str) -> str:
     return st.join(sweep_dir, QUEUE_FILE)
 
 
@@ -168,7 +172,7 @@ class PendingWrites:
 
 
 def pending_count(sweep_dir: str, sweep: str) -> int:
-    path = queue_path(sweep_dir)
+    path = pending_path(sweep_dir)
     return len(PendingWrites.from_disk(path, sweep).ops) if st.exists(path) else 0
 
 
@@ -213,13 +217,18 @@ class WriteQueue:
         if self.down and self._clock() < self._down_until:
             self._save(throttled=True)
         else:
-            self.flush()
+            self.flush(budget_s=SLICE_S)
 
-    def flush(self) -> bool:
-        """Send queued ops in order. False when the server did not answer (it is marked
-        down and the rest stays queued); refused ops are dropped with a warning."""
+    def flush(self, budget_s: float | None = None) -> bool:
+        """Send queued ops in order, for at most `budget_s` seconds (None: all of them).
+        False when the server did not answer (it is marked down and the rest stays
+        queued); refused ops are dropped with a warning."""
+        deadline = math.inf if budget_s is None else self._clock() + budget_s
         with quick_requests(self.tracker.tracking_uri):
             while self.ops:
+                if self._clock() >= deadline:
+                    self._save(throttled=True)
+                    return True  # the rest goes with the next events
                 op = self.ops[0]
                 try:
                     self._apply(op)
@@ -232,7 +241,9 @@ class WriteQueue:
                     logger.warning("tracking: MLflow refused %s, dropped (%s)", op.describe(),
                                    _one_line(err))
                 self.ops.popleft()
-        self._mark_up()
+                self._mark_up()
+        if self._on_disk:
+            self._save()  # all sent: the file goes
         return True
 
     def close(self) -> int:
@@ -248,7 +259,7 @@ class WriteQueue:
         if not self.down:
             logger.warning("tracking: MLflow at %s did not answer (%s); queuing its writes "
                            "and trying again every %.0f-%.0f s", self.tracker.tracking_uri,
-                           _one_line(err, 200), BACKOFF_FIRST_S, BACKOFF_MAX_S)
+                           _cause(err), BACKOFF_FIRST_S, BACKOFF_MAX_S)
         self._backoff = min(max(2 * self._backoff, BACKOFF_FIRST_S), BACKOFF_MAX_S)
         self._down_until = self._clock() + self._backoff
         # A write that timed out may still have landed: ask the server before logging again.
@@ -257,11 +268,9 @@ class WriteQueue:
 
     def _mark_up(self) -> None:
         if self.down:
-            logger.warning("tracking: MLflow at %s answers again; queued writes logged",
-                           self.tracker.tracking_uri)
-        self._down_until, self._backoff = None, 0.0
-        if self._on_disk:
-            self._save()
+            logger.warning("tracking: MLflow at %s answers again; sending the %d queued "
+                           "writes", self.tracker.tracking_uri, len(self.ops))
+            self._down_until, self._backoff = None, 0.0
 
     def _save(self, throttled: bool = False) -> None:
         """Keep the queue in storage (or remove the file once it is empty)."""
@@ -343,3 +352,9 @@ class WriteQueue:
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
     return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
+def _cause(err: BaseException) -> str:
+    """The telling part of MLflow's long connection errors: what urllib3 says caused it."""
+    text = _one_line(err, 2000)
+    return text[text.find("Caused by"):][:200] if "Caused by" in text else text[:200]

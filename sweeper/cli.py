@@ -124,13 +124,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from sweeper import storage
-    from sweeper.tracking import Tracker, queue_path, resolve_tracking_uri, sync_pending
+    from sweeper.tracking import Tracker, pending_path, resolve_tracking_uri, sync_pending
 
     manifest = storage.load_manifest(storage.resolve_storage(args.storage), args.name)
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else manifest.tracking_uri
     tracker = Tracker(uri, manifest.name)
     tracker.check_reachable()
-    sent, left = sync_pending(tracker, queue_path(manifest.sweep_dir))
+    sent, left = sync_pending(tracker, pending_path(manifest.sweep_dir))
     if left:
         print(f"sync {args.name}: {sent} MLflow writes sent, {left} still pending ({uri} "
               "stopped answering); run it again", file=sys.stderr)

@@ -608,7 +608,7 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     tracker = Tracker(manifest.tracking_uri, plan.name)
     tracker.check_reachable()
     # Writes an earlier session could not send go first (the parent's KILLED among them).
-    _, left = tracking.sync_pending(tracker, tracking.queue_path(manifest.sweep_dir))
+    _, left = tracking.sync_pending(tracker, tracking.pending_path(manifest.sweep_dir))
     if left:
         raise ConfigError(f"tracking: {left} MLflow writes of an earlier session could not be "
                           f"sent to {manifest.tracking_uri}; `caat-sweep sync {name}` first")
@@ -667,7 +667,7 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
         max_report_frequency=int(options.progress_every_s), sort_by_metric=False,
         max_column_length=48)
     callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, META,
-                                queue_path=tracking.queue_path(manifest.sweep_dir))
+                                queue_path=tracking.pending_path(manifest.sweep_dir))
     return tune.Tuner(
         trainable, param_space={},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
@@ -710,7 +710,7 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid) -> i
 def _end_parent(manifest: st.Manifest, tracker: Tracker, status: str) -> None:
     """The parent run's end status, queued behind any writes the tracking server missed."""
     left = tracking.end_sweep_run(tracker, manifest.parent_run_id, status,
-                                  tracking.queue_path(manifest.sweep_dir))
+                                  tracking.pending_path(manifest.sweep_dir))
     if left:
         print(f"tracking: {left} MLflow writes await `caat-sweep sync {manifest.name}` (the "
               f"tracking server at {manifest.tracking_uri} did not answer)", file=sys.stderr)

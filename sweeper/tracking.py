@@ -61,6 +61,7 @@ from ray.tune import Callback
 
 from sweeper import _write_queue as wq
 from sweeper._tracking_uri import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401
+from sweeper._write_queue import QUEUE_FILE, pending_path  # noqa: F401
 from trainables.config import ConfigError
 from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
 
@@ -380,9 +381,6 @@ def sync_pending(tracker: Tracker, queue_path: str) -> tuple[int, int]:
 def pending_writes(sweep_dir: str, sweep: str) -> int:
     """How many MLflow writes of a sweep wait in its storage for `caat-sweep sync`."""
     return wq.pending_count(sweep_dir, sweep)
-
-
-queue_path = wq.queue_path
 
 
 def _tags(meta: Mapping[str, Any]) -> dict[str, Any]:
