@@ -597,6 +597,7 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     options = options or SweepOptions()
     storage = st.resolve_storage(storage)
     manifest = st.load_manifest(storage, name)
+    tracking.send_pending(Tracker(manifest.tracking_uri, manifest.name), manifest)
     if manifest.state == "done":
         print(f"sweep {name} is complete; `caat-sweep status {name}` shows it",
               file=sys.stderr)
@@ -607,11 +608,6 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     datasets = load_datasets(plan)
     tracker = Tracker(manifest.tracking_uri, plan.name)
     tracker.check_reachable()
-    # Writes an earlier session could not send go first (the parent's KILLED among them).
-    _, left = tracking.sync_pending(tracker, tracking.pending_path(manifest.sweep_dir))
-    if left:
-        raise ConfigError(f"tracking: {left} MLflow writes of an earlier session could not be "
-                          f"sent to {manifest.tracking_uri}; `caat-sweep sync {name}` first")
     _init_ray(address or manifest.address, options)
     st.check_shared(storage)
     manifest.parent_run_id = tracker.start_parent(

@@ -52,6 +52,7 @@ knows nothing of outcomes.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from sweeper import _write_queue as wq
+from sweeper import storage as st
 from sweeper._tracking_uri import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401
 from sweeper._write_queue import QUEUE_FILE, pending_path  # noqa: F401
 from trainables.config import ConfigError
@@ -376,6 +378,22 @@ def sync_pending(tracker: Tracker, queue_path: str) -> tuple[int, int]:
     queue = wq.WriteQueue.load(tracker, queue_path)
     left = queue.close()
     return queue.sent, left
+
+
+def send_pending(tracker: Tracker, manifest: st.Manifest) -> None:
+    """`resume`, before anything else: the writes an earlier session could not send (the
+    parent's KILLED among them). ConfigError (exit 2) when some still cannot be sent."""
+    path = pending_path(manifest.sweep_dir)
+    if not st.exists(path):
+        return
+    tracker.check_reachable()
+    sent, left = sync_pending(tracker, path)
+    if left:
+        raise ConfigError(f"tracking: {left} MLflow writes of an earlier session could not be "
+                          f"sent to {tracker.tracking_uri}; try `caat-sweep sync "
+                          f"{manifest.name}` when it answers")
+    print(f"tracking: sent the {sent} MLflow writes an earlier session had left",
+          file=sys.stderr)
 
 
 def pending_writes(sweep_dir: str, sweep: str) -> int:

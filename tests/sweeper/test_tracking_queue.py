@@ -8,7 +8,9 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from mlflow.exceptions import MlflowException
+from sweep_support import tiny_space
 
 from sweeper import _write_queue as wq
 from sweeper.search import META
@@ -89,16 +91,16 @@ def _trial(trial_id: str) -> SimpleNamespace:
 @pytest.fixture
 def sweep(tmp_path):
     """A parent run in a SQLite store, a flaky view of it, and a callback writing through
-    that view with a fake clock; the queue file in tmp_path/sweep."""
+    that view with a fake clock; the sweep's storage in tmp_path/runs/t."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "name: t\n")
     server, clock = Server(), Clock()
-    path = pending_path(str(tmp_path / "sweep"))
+    path = pending_path(str(tmp_path / "runs" / "t"))
     callback = TrackingCallback(uri, "t", parent, META, queue_path=path)
     callback._tracker = FlakyTracker(uri, "t", server)
     callback._queue = wq.WriteQueue(callback._tracker, path, clock=clock)
     return SimpleNamespace(uri=uri, parent=parent, server=server, clock=clock, path=path,
-                           callback=callback, dir=str(tmp_path / "sweep"))
+                           callback=callback, dir=str(tmp_path / "runs" / "t"))
 
 
 def _epochs(cb: TrackingCallback, trial, epochs) -> None:
@@ -235,6 +237,32 @@ def test_what_is_left_goes_to_disk_and_sync_sends_it(sweep):
     assert runs["a"].info.status == "FINISHED" and _steps(sweep.uri, runs["a"]) == [1, 2, 3]
     assert Tracker(sweep.uri, "t").client.get_run(sweep.parent).info.status == "FINISHED"
     assert sync_pending(Tracker(sweep.uri, "t"), sweep.path) == (0, 0)
+
+
+def test_resume_sends_what_an_earlier_session_left_first(sweep, tmp_path, capsys):
+    from sweeper import storage as st
+    from sweeper.cli import main
+
+    space = yaml.safe_dump(tiny_space(name="t"))
+    st.Manifest(name="t", storage=str(tmp_path / "runs"), tracking_uri=sweep.uri,
+                space_text=space, space_source="space.yaml", parent_run_id=sweep.parent,
+                state="done").save()
+    cb, a = sweep.callback, _trial("a")
+    sweep.server.down = True
+    cb.on_trial_start(0, [], a)
+    _epochs(cb, a, [1, 2, 3])
+    cb.on_trial_complete(0, [], a)
+    cb.on_experiment_end([a])
+    assert end_sweep_run(cb.tracker, sweep.parent, "FINISHED", sweep.path) == 8
+    assert main(["status", "t", "--storage", str(tmp_path / "runs")]) == 0
+    assert "8 MLflow writes" in capsys.readouterr().out
+
+    assert main(["resume", "t", "--storage", str(tmp_path / "runs")]) == 0
+    assert "sent the 8 MLflow writes" in capsys.readouterr().err
+    assert pending_writes(sweep.dir, "t") == 0
+    runs = _runs(sweep.uri)
+    assert runs["a"].info.status == "FINISHED" and _steps(sweep.uri, runs["a"]) == [1, 2, 3]
+    assert Tracker(sweep.uri, "t").client.get_run(sweep.parent).info.status == "FINISHED"
 
 
 def test_a_restored_driver_keeps_the_queue_file_and_finds_runs_by_trial_id(sweep):
