@@ -126,8 +126,8 @@ def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
                                                                    private_ray_env):  # noqa: F811
     server = MlflowServer(tmp_path)
     server.start()
-    # A sweep of about 90 s on two cores: `mlflow server` takes 20-40 s to start again.
-    driver = _launch(tmp_path, _space("blip", epochs=8, n_train=30000), server,
+    # `mlflow server` takes 10-40 s to start again: the sweep must outlast that.
+    driver = _launch(tmp_path, _space("blip", epochs=6, n_train=20000), server,
                      private_ray_env)
     sweep_dir = tmp_path / "runs" / "blip"
     try:
@@ -158,7 +158,7 @@ def test_a_server_down_until_the_end_is_caught_up_by_sync(tmp_path,
                                                           private_ray_env):  # noqa: F811
     server = MlflowServer(tmp_path)
     server.start()
-    driver = _launch(tmp_path, _space("outage", epochs=5, n_train=20000), server,
+    driver = _launch(tmp_path, _space("outage", epochs=4, n_train=10000), server,
                      private_ray_env)
     sweep_dir = tmp_path / "runs" / "outage"
     try:
