@@ -9,9 +9,9 @@ write whose answer was lost (it may have landed) is simply sent again.
 
 `WriteQueue` sends ops in order. The first that fails for want of a server marks it down for
 a back-off (5 s, doubling up to 60 s); until then new ops only queue, so the Tune loop waits
-for at most one short request (10 s timeout, no client retries) per back-off instead of
+for at most one short request (5 s timeout, no client retries) per back-off instead of
 MLflow's default minutes of retries. Once the server answers again, the backlog goes out in
-slices of 2 s per Tune event, so catching up does not stall the loop either. What is still
+slices of 1 s per Tune event, so catching up does not stall the loop either. What is still
 queued is kept in the sweep's storage (`tracking_queue.json`): on each failed attempt, every
 10 s while ops queue, and when the driver ends. `caat-sweep sync NAME` and `caat-sweep
 resume NAME` send it.
@@ -40,11 +40,11 @@ logger = logging.getLogger("sweeper.tracking")
 
 QUEUE_FILE = "tracking_queue.json"
 FORMAT, VERSION = "caat-sweep tracking queue", 1
-REQUEST_TIMEOUT_S = 10
+REQUEST_TIMEOUT_S = 5
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 5.0, 60.0
 SAVE_EVERY_S = 10.0
 # A backlog goes out in slices of this many seconds per Tune event, not in one long stall.
-SLICE_S = 2.0
+SLICE_S = 1.0
 
 
 def pending_path(sweep_dir: str) -> str:
@@ -135,6 +135,11 @@ def quick_requests(tracking_uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _mlflow_defaults(tracking_uri: str) -> Iterator[None]:
+    yield
+
+
 # ------------------------------------------------------------------------- on disk
 
 
@@ -183,10 +188,11 @@ class WriteQueue:
     """Sends ops to MLflow in order; queues them while the server is down (see the module
     docstring). Driver side only, one per driver session."""
 
-    def __init__(self, tracker: Tracker, path: str | None = None,
+    def __init__(self, tracker: Tracker, path: str | None = None, *, quick: bool = True,
                  clock: Callable[[], float] = time.monotonic):
         self.tracker = tracker
         self.path = path
+        self.quick = quick  # short requests (a driver); MLflow's own retries (sync)
         self.ops: deque[Op] = deque()
         self._clock = clock
         self._runs: dict[str, str] = {}  # trial id -> run id
@@ -224,7 +230,8 @@ class WriteQueue:
         False when the server did not answer (it is marked down and the rest stays
         queued); refused ops are dropped with a warning."""
         deadline = math.inf if budget_s is None else self._clock() + budget_s
-        with quick_requests(self.tracker.tracking_uri):
+        requests = quick_requests if self.quick else _mlflow_defaults
+        with requests(self.tracker.tracking_uri):
             while self.ops:
                 if self._clock() >= deadline:
                     self._save(throttled=True)

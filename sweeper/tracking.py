@@ -374,8 +374,8 @@ def end_sweep_run(tracker: Tracker, parent_run_id: str, status: str, queue_path:
 
 def sync_pending(tracker: Tracker, queue_path: str) -> tuple[int, int]:
     """Send the writes a driver left unsent (`caat-sweep sync`, and `resume` before it
-    starts): (sent, still pending)."""
-    queue = wq.WriteQueue.load(tracker, queue_path)
+    starts): (sent, still pending). With MLflow's own retries: nothing waits on this."""
+    queue = wq.WriteQueue.load(tracker, queue_path, quick=False)
     left = queue.close()
     return queue.sent, left
 
