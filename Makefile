@@ -12,7 +12,8 @@ FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 
 # The sweep `make analyze` and `make ui-screenshot` read, and where they write.
 SWEEP ?= quick
-TRACKING_URI ?= sqlite:///mlflow.db
+# $MLFLOW_TRACKING_URI when set, like every caat-sweep command.
+TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 ANALYSIS_DIR ?= runs/analysis/$(SWEEP)
 
 .PHONY: setup check-torch data browser demo sweep-demo train-demo analyze ui-screenshot test test-fast lint clean

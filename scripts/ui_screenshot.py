@@ -35,6 +35,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sweeper._tracking_uri import open_client, resolve_tracking_uri
+from sweeper.cli import TRACKING_URI_HELP
+
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # A headless run on a CI machine without network, GPU, user namespaces or a large /dev/shm.
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -205,11 +208,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def sweep_runs(uri: str, name: str) -> tuple[str, str, str | None, list[str]]:
     """(experiment id, experiment name, parent run id, trial run names) of the sweep."""
-    from mlflow.tracking import MlflowClient
-
     from sweeper.tracking import EXPERIMENT_PREFIX
 
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     exp = client.get_experiment_by_name(EXPERIMENT_PREFIX + name)
     if exp is None:
         raise SystemExit(f"ui_screenshot: no sweep {name!r} in {uri}")
@@ -283,7 +284,7 @@ def show_sweep(browser: Browser, base: str, exp_id: str, exp_name: str, parent: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name", help="sweep name (experiment caat-sweep/NAME)")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--png", help="write a screenshot of the runs page here")
     p.add_argument("--dom", help="write the rendered DOM (HTML) of the runs page here")
     p.add_argument("--text", help="write the page's visible text (innerText) here")
@@ -299,9 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None:
         print("ui_screenshot: no chromium found (apt-get install chromium)", file=sys.stderr)
         return 2
-    uri = args.tracking_uri
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = resolve_tracking_uri(args.tracking_uri)
     exp_id, exp_name, parent, trials = sweep_runs(uri, args.name)
     width, height = (int(v) for v in args.size.split(","))
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sweeper._tracking_uri import open_client, resolve_tracking_uri
 from trainables.config import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order, with their headers.
@@ -66,7 +67,6 @@ LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error"
 
 REFERENCE = "trades"
 DEFAULT_SELECTION_METRIC = "val_robust_acc"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "caat-sweep/"
 
 # Paper order of the methods; methods not listed follow alphabetically.
@@ -125,15 +125,6 @@ class Summary:
 # ---------------------------------------------------------------------------------- loading
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """--tracking-uri, else ./mlflow.db: the same default as launch, resume and status."""
-    uri = uri or DEFAULT_TRACKING_URI
-    if "://" not in uri and Path(uri).is_file():
-        # A bare path to the SQLite file is what people type; MLflow wants a URI.
-        uri = f"sqlite:///{Path(uri).resolve()}"
-    return uri
-
-
 def _check_store_exists(uri: str) -> None:
     # MLflow would silently create an empty database at a mistyped path.
     if uri.startswith("sqlite:///"):
@@ -158,14 +149,13 @@ def load_sweep(name: str, tracking_uri: str | None = None) -> SweepRuns:
     import logging
 
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
     _check_store_exists(uri)
     # MLflow logs schema checks at INFO on every open; the analysis output should stay readable.
     for logger in ("mlflow", "alembic"):
         logging.getLogger(logger).setLevel(logging.WARNING)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     try:
         exp = client.get_experiment_by_name(EXPERIMENT_PREFIX + name)
         if exp is None:
@@ -256,9 +246,7 @@ def normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def load_classwise(uri: str, run_ids: Iterable[str]) -> dict[str, dict[str, list[float]]]:
     """classwise.json of each run (missing artifacts are skipped: the bars just leave a gap)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    client = open_client(resolve_tracking_uri(uri))
     out: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
         for run_id in run_ids:
@@ -1139,9 +1127,7 @@ def load_directions(uri: str, selected: pd.DataFrame,
                     metrics: Sequence[str] = DIRECTION_METRICS) -> pd.DataFrame:
     """Per-epoch histories of `metrics` for the selected CAAT runs, one row per value
     (columns DIRECTION_COLUMNS). The only MLflow calls of this section."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    client = open_client(resolve_tracking_uri(uri))
     rows = []
     runs = selected[selected["method"].eq(DIRECTION_METHOD)]
     for run_id, scenario, method, seed in zip(runs["run_id"], runs["scenario"], runs["method"],

@@ -1,4 +1,4 @@
-"""`caat-sweep`: train one trial, launch/resume/inspect sweeps, analyse them, open the UI.
+"""`caat-sweep`: train one trial, launch/resume/inspect/sync sweeps, analyse them, open the UI.
 
 Bad input exits with status 2 and one line naming the field and what is allowed; nothing
 is written before the input has been validated.
@@ -157,6 +157,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from sweeper import storage
+    from sweeper.tracking import Tracker, pending_path, resolve_tracking_uri, sync_pending
+
+    manifest = storage.load_manifest(storage.resolve_storage(args.storage), args.name)
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else manifest.tracking_uri
+    tracker = Tracker(uri, manifest.name)
+    tracker.check_reachable()
+    sent, left = sync_pending(tracker, pending_path(manifest.sweep_dir))
+    if left:
+        print(f"sync {args.name}: {sent} MLflow writes sent, {left} still pending ({uri} "
+              "stopped answering); run it again", file=sys.stderr)
+        return 1
+    print(f"sync {args.name}: {sent} MLflow writes sent; nothing pending", file=sys.stderr)
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -251,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="search-space YAML, e.g. search_spaces/quick.yaml")
     p.add_argument("--name", help="sweep name (default: the space's `name`, else file stem)")
     _storage_arg(p)
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default sqlite:///mlflow.db; http://host:port "
-                        "for a tracking server)")
+    _tracking_arg(p)
     p.add_argument("--force", action="store_true",
                    help="run a space with more trials than its max_trials (default 10000)")
     _address_arg(p)
@@ -263,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue sweep NAME from its storage: unfinished trials "
                                    "resume from their checkpoints, the Optuna studies and "
                                    "MLflow runs are kept, then the confirmation phase "
-                                   "runs. The space is the one stored at launch (a note says "
-                                   "when the file has been edited since). " + DRIVER_NOTES)
+                                   "runs. MLflow writes a tracking-server outage left pending "
+                                   "are sent first (see `sync`). The space is the one stored "
+                                   "at launch (a note says when the file has been edited "
+                                   "since). " + DRIVER_NOTES)
     p.add_argument("name", help="sweep name")
     _storage_arg(p)
     _address_arg(p)
@@ -272,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials per cell and the best so far",
                        description="Per cell and phase: trials completed, running, pruned "
-                                   "and failed, and the best selection metric so far.")
+                                   "and failed, and the best selection metric so far; and "
+                                   "how many MLflow writes await `caat-sweep sync`, if any.")
     p.add_argument("name", help="sweep name")
     _storage_arg(p)
     p.set_defaults(func=cmd_status)
@@ -280,8 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="MLflow UI on 127.0.0.1",
                        description="Start the MLflow UI bound to 127.0.0.1 (no "
                                    "authentication: reach it through ssh -L from elsewhere).")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    _tracking_arg(p)
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
 
@@ -292,15 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tuning run. Exit status 3: nothing has finished yet.")
     p.add_argument("name", help="sweep name (MLflow experiment caat-sweep/NAME)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI or SQLite file (default sqlite:///mlflow.db)")
+    _tracking_arg(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("sync", help="send MLflow writes a tracking-server outage left behind",
+                       description="Send the MLflow writes that sweep NAME's driver could not "
+                                   "(its tracking server did not answer until the driver "
+                                   "ended), kept in its storage as tracking_queue.json: runs, "
+                                   "epochs, outcomes and the sweep's end status. Each is sent "
+                                   "once. Exit status 1 when some are still pending.")
+    p.add_argument("name", help="sweep name")
+    _storage_arg(p)
+    p.add_argument("--tracking-uri", default=None,
+                   help="where the sweep's tracking server answers now, if it moved (default: "
+                        "the URI the sweep was launched with, from its storage)")
+    p.set_defaults(func=cmd_sync)
     return parser
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None,
                    help="directory or cloud URI (s3://, gs://) holding sweeps (default ./runs)")
+
+
+# sweeper.tracking.resolve_tracking_uri applies this order (kept here: --help imports no Ray).
+TRACKING_URI_HELP = ("MLflow tracking URI: http://host:port for a tracking server, or a SQLite "
+                     "store (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)")
+
+
+def _tracking_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:

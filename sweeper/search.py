@@ -53,6 +53,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from sweeper import storage as st
+from sweeper import tracking
 from sweeper.lock import SweepLock
 from sweeper.restore import quiet_deleted_checkpoints, resilient
 from sweeper.signals import StopSignals
@@ -624,7 +625,9 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
     st.check_writable(storage)
     with SweepLock(storage, name), StopSignals() as stop:
         # Read under the lock: a driver that held it may have just finished the sweep.
-        return _resume(st.load_manifest(storage, name), address, options, stop)
+        manifest = st.load_manifest(storage, name)
+        tracking.send_pending(Tracker(manifest.tracking_uri, manifest.name), manifest)
+        return _resume(manifest, address, options, stop)
 
 
 def _resume(manifest: st.Manifest, address: str | None, options: SweepOptions,
@@ -695,7 +698,7 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     try:
         grid = tuner.fit()
     except BaseException:
-        tracker.end_parent(manifest.parent_run_id, "KILLED")
+        _end_parent(manifest, tracker, "KILLED")
         raise
     return _finish(plan, manifest, tracker, grid, stop)
 
@@ -712,7 +715,8 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
                            f"{META}/phase": "phase", f"{META}/seed": "seed"},
         max_report_frequency=int(options.progress_every_s), sort_by_metric=False,
         max_column_length=48)
-    callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, META)
+    callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, META,
+                                queue_path=tracking.pending_path(manifest.sweep_dir))
     return tune.Tuner(
         trainable, param_space={},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
@@ -738,16 +742,25 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
         searcher.load_state(state)
     failed = sum(r.error is not None for r in grid)
     if not searcher.complete():
-        tracker.end_parent(manifest.parent_run_id, "KILLED")
+        _end_parent(manifest, tracker, "KILLED")
         print(f"sweep {plan.name} interrupted ({len(grid)} trials so far); "
               f"`caat-sweep resume {plan.name}` continues it", file=sys.stderr)
         return stop.exit_code
     manifest.state = "done"
     manifest.save()
-    tracker.end_parent(manifest.parent_run_id, "FINISHED")
+    _end_parent(manifest, tracker, "FINISHED")
     for cell in searcher.confirm_skipped():
         print(f"warning: cell {cell}: no tuning trial completed, so no confirmation runs",
               file=sys.stderr)
     print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed; `caat-sweep status "
           f"{plan.name}` for the table, MLflow at {manifest.tracking_uri}", file=sys.stderr)
     return 0
+
+
+def _end_parent(manifest: st.Manifest, tracker: Tracker, status: str) -> None:
+    """The parent run's end status, queued behind any writes the tracking server missed."""
+    left = tracking.end_sweep_run(tracker, manifest.parent_run_id, status,
+                                  tracking.pending_path(manifest.sweep_dir))
+    if left:
+        print(f"tracking: {left} MLflow writes await `caat-sweep sync {manifest.name}` (the "
+              f"tracking server at {manifest.tracking_uri} did not answer)", file=sys.stderr)

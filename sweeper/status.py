@@ -14,7 +14,7 @@ from typing import Any
 
 from sweeper.spaces import parse_space
 from sweeper.storage import Manifest
-from sweeper.tracking import Tracker
+from sweeper.tracking import Tracker, pending_writes
 
 COUNTS = ("completed", "running", "pruned", "failed", "interrupted")
 
@@ -36,6 +36,7 @@ class SweepStatus:
     metric: str
     mode: str
     rows: list[CellRow]
+    pending: int = 0  # MLflow writes waiting in storage for `caat-sweep sync`
 
 
 def sweep_status(manifest: Manifest) -> SweepStatus:
@@ -57,7 +58,8 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
         if tags.get("outcome") == "completed" and value is not None and not math.isnan(value):
             row.values.append(value)
     return SweepStatus(manifest.name, manifest.state, manifest.sweep_dir,
-                       manifest.tracking_uri, sel.metric, sel.mode, list(rows.values()))
+                       manifest.tracking_uri, sel.metric, sel.mode, list(rows.values()),
+                       pending=pending_writes(manifest.sweep_dir, manifest.name))
 
 
 def _outcome(run: Any) -> str:
@@ -75,6 +77,9 @@ def format_status(s: SweepStatus) -> str:
     for r in s.rows:
         counts = "".join(f" {r.counts[c]:>11}" for c in COUNTS)
         lines.append(f"{r.cell:<{width}}  {r.phase:<7}{counts}  {_value(r, s.mode)}")
+    if s.pending:
+        lines += ["", f"tracking: {s.pending} MLflow writes (a tracking-server outage) are not "
+                      f"in the table yet; `caat-sweep sync {s.name}` sends them"]
     return "\n".join(lines)
 
 

@@ -75,6 +75,13 @@ def write_bytes(uri_or_path: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
+def remove(uri_or_path: str) -> None:
+    """Delete a file; a missing one is fine."""
+    fs, path = filesystem(uri_or_path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
 def list_dirs(uri_or_path: str) -> list[str]:
     fs, path = filesystem(uri_or_path)
     if fs.get_file_info(path).type != pafs.FileType.Directory:

@@ -33,6 +33,18 @@ The schema below is a contract (`sweeper.analysis` and users' scripts read it):
   marked KILLED until a resume reopens them. A resumed driver finds each trial's run again
   by its `trial_id` tag; runs of trials started after the experiment's last saved state
   (Ray re-runs those under new ids) are deleted, so runs = trials.
+- The tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else
+  `sqlite:///mlflow.db` (`resolve_tracking_uri`, shared by every command).
+- A tracking server that goes away does not stop the sweep: the callback's writes (run
+  creation, epochs, tags, outcomes, the end-of-session clean-up and the parent's end status)
+  are idempotent operations sent through a queue (`sweeper._write_queue`). While the server
+  does not answer they queue, and the Tune loop waits for at most one short request per
+  back-off (5-60 s); they are sent in order when it answers again, or at the end. What is
+  still unsent when the driver ends is kept in `<storage>/<sweep>/tracking_queue.json`
+  (the sweep exits 0 and says so); `caat-sweep sync NAME` sends it, and `caat-sweep resume`
+  does first. Until then those runs may show RUNNING or miss epochs. Replays duplicate
+  nothing: a run is found by its `trial_id` tag before one is created, and an epoch at or
+  below the run's last logged step is skipped.
 
 Why not Ray's `MLflowLoggerCallback`: it has no parent run, no lookup by trial id after a
 driver crash (a resumed sweep would duplicate runs), logs Ray's bookkeeping as metrics and
@@ -42,6 +54,7 @@ knows nothing of outcomes.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,7 +62,15 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
-from sweeper.restore import Fallback, choose_fallback
+from sweeper import _write_queue as wq
+from sweeper import storage as st
+from sweeper._tracking_uri import (  # noqa: F401
+    DEFAULT_TRACKING_URI,
+    open_client,
+    resolve_tracking_uri,
+)
+from sweeper._write_queue import QUEUE_FILE, pending_path  # noqa: F401
+from sweeper.restore import choose_fallback
 from trainables.config import ConfigError
 from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
 
@@ -57,7 +78,6 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from ray.tune.experiment import Trial
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "caat-sweep/"
 PARENT_TAG = "mlflow.parentRunId"
 OUTCOMES = ("completed", "pruned", "failed")
@@ -77,40 +97,6 @@ MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
 
 def experiment_name(sweep: str) -> str:
     return EXPERIMENT_PREFIX + sweep
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """`sqlite:///relative.db` -> absolute, so resume and status work from any directory."""
-    uri = uri or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
-    return uri
-
-
-def open_client(tracking_uri: str) -> MlflowClient:
-    """An MlflowClient whose store is ready. Two processes that open a fresh SQLite file at
-    once both create MLflow's tables and break it for good (alembic's temporary tables
-    collide): the first creates them while holding a lock on the file's directory, the
-    others wait, then find them made."""
-    from mlflow import MlflowClient
-
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix):
-        return MlflowClient(tracking_uri=tracking_uri)
-    import fcntl
-    import os
-
-    folder = Path(tracking_uri[len(prefix):]).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=tracking_uri)
-        client.search_experiments(max_results=1)  # the store is open: its tables exist
-    finally:
-        os.close(fd)  # releases the lock
-    return client
 
 
 def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
@@ -290,28 +276,32 @@ def trial_outcome(meta: Mapping[str, Any], last_result: Mapping[str, Any] | None
 
 
 class TrackingCallback(Callback):
-    """Mirrors Ray Tune's trials into MLflow, in the driver. Picklable: Ray Tune stores its
+    """Mirrors Ray Tune's trials into MLflow, in the driver, through a `WriteQueue` (writes
+    wait out a tracking server that does not answer). Picklable: Ray Tune stores its
     callbacks with the experiment, and a restored sweep gets this object back."""
 
-    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, meta_key: str):
+    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, meta_key: str,
+                 queue_path: str | None = None):
         self.tracking_uri = tracking_uri
         self.sweep = sweep
         self.parent_run_id = parent_run_id
         self.meta_key = meta_key
+        self.queue_path = queue_path  # where unsent writes are kept (None: memory only)
         self._reset()
 
     def _reset(self) -> None:
         self._tracker: Tracker | None = None
-        self._runs: dict[str, str] = {}  # trial id -> run id
-        self._last_step: dict[str, int] = {}
+        self._queue: wq.WriteQueue | None = None
+        self._ensured: set[str] = set()  # trials whose run this session has asked for
+        self._last_step: dict[str, int] = {}  # trial id -> last epoch queued this session
         self._classwise: dict[str, dict] = {}
 
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("tracking_uri", "sweep", "parent_run_id",
-                                               "meta_key")}
+                                               "meta_key", "queue_path")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"queue_path": None, **state})  # sweeps saved before the queue
         self._reset()
 
     @property
@@ -320,24 +310,32 @@ class TrackingCallback(Callback):
             self._tracker = Tracker(self.tracking_uri, self.sweep)
         return self._tracker
 
+    @property
+    def queue(self) -> wq.WriteQueue:
+        if self._queue is None:
+            self._queue = wq.WriteQueue(self.tracker, self.queue_path)
+        return self._queue
+
     # -- Ray Tune hooks
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
-        run_id = self._run(trial)
-        self.tracker.client.update_run(run_id, status="RUNNING")
+        self._put(trial, wq.set_status(trial.trial_id, "RUNNING"))
         if trial.checkpoint is not None:  # a resume or a retry: restored from a checkpoint
             fallback = choose_fallback(trial.checkpoint.filesystem, trial.checkpoint.path)
             if fallback is not None:
-                self._tag_restore(run_id, fallback)
+                # How the trial got past a missing or corrupt checkpoint (sweeper.restore).
+                self._put(trial, wq.set_tag(trial.trial_id, "restore", one_line(fallback.note)))
+                if fallback.corrupt:
+                    self._put(trial, wq.set_tag(trial.trial_id, "error",
+                                                one_line(fallback.note)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict,
                         **info) -> None:
-        run_id = self._run(trial)
         step = int(result.get("epoch", 0))
         if step <= self._last_step.get(trial.trial_id, 0):
-            return  # an epoch re-run after a restore: logged already
-        ts = int(result["timestamp"] * 1000) if "timestamp" in result else None
-        self.tracker.log_metrics(run_id, metrics_of(result), step, ts)
+            return  # an epoch re-run after a restore: queued already
+        ts = int(result.get("timestamp", time.time()) * 1000)
+        self._put(trial, wq.log_epoch(trial.trial_id, step, metrics_of(result), ts))
         self._last_step[trial.trial_id] = step
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Trial, checkpoint,
@@ -347,48 +345,73 @@ class TrackingCallback(Callback):
             self._classwise[trial.trial_id] = data
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info) -> None:
-        self.tracker.client.set_tag(self._run(trial), "retries", str(trial.num_failures))
+        self._put(trial, wq.set_tag(trial.trial_id, "retries", str(trial.num_failures)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         outcome = trial_outcome(trial.config[self.meta_key], trial.last_result, error=False)
-        self.tracker.finish_trial(self._run(trial), outcome, classwise=self._last_classwise(trial))
+        self._put(trial, wq.finish(trial.trial_id, outcome, None, self._last_classwise(trial)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
-        self.tracker.finish_trial(self._run(trial), "failed", error=error_reason(trial),
-                                  classwise=self._last_classwise(trial))
+        self._put(trial, wq.finish(trial.trial_id, "failed", error_reason(trial),
+                                   self._last_classwise(trial)))
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        self.tracker.reconcile({t.trial_id: t.status for t in trials})
+        self.queue.put(wq.reconcile({t.trial_id: t.status for t in trials}))
+        self.queue.close()  # what the server did not take goes to disk
 
     # -- helpers
 
-    def _tag_restore(self, run_id: str, fallback: Fallback) -> None:
-        """How a resumed trial got past a missing or corrupt checkpoint (sweeper.restore)."""
-        self.tracker.client.set_tag(run_id, "restore", one_line(fallback.note))
-        if fallback.corrupt:
-            self.tracker.client.set_tag(run_id, "error", one_line(fallback.note))
-
-    def _run(self, trial: Trial) -> str:
-        """The trial's run: cached, found by trial id (a restored driver), or created."""
+    def _put(self, trial: Trial, op: wq.Op) -> None:
+        """Queue `op` behind the trial's run: found by trial id (a restored driver) or
+        created, once per driver session."""
         tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
-        meta = trial.config[self.meta_key]
-        found = self.tracker.find_trial_run(tid)
-        if found is None:
-            run_id = self.tracker.create_trial_run(self.parent_run_id, tid, _tags(meta),
-                                                   trial_params(trial.config, self.meta_key))
-            self._last_step[tid] = 0
-        else:
-            run_id = found.info.run_id
-            if not found.data.params:  # created, then the driver died before the params
-                self.tracker.log_params(run_id, trial_params(trial.config, self.meta_key))
-            self._last_step[tid] = self.tracker.last_step(run_id)
-        self._runs[tid] = run_id
-        return run_id
+        if tid not in self._ensured:
+            meta = trial.config[self.meta_key]
+            self.queue.put(wq.ensure_run(tid, self.parent_run_id, _tags(meta),
+                                         trial_params(trial.config, self.meta_key)))
+            self._ensured.add(tid)
+        self.queue.put(op)
 
     def _last_classwise(self, trial: Trial) -> dict | None:
         return self._classwise.get(trial.trial_id) or _read_classwise(trial.checkpoint)
+
+
+def end_sweep_run(tracker: Tracker, parent_run_id: str, status: str, queue_path: str) -> int:
+    """The parent run's end status (FINISHED, KILLED), queued behind whatever the driver left
+    unsent; sends what the server takes and keeps the rest on disk. Never raises for an
+    unreachable server. Returns how many writes are left for `caat-sweep sync`."""
+    queue = wq.WriteQueue.load(tracker, queue_path)
+    queue.ops.append(wq.end_parent(parent_run_id, status))
+    return queue.close()
+
+
+def sync_pending(tracker: Tracker, queue_path: str) -> tuple[int, int]:
+    """Send the writes a driver left unsent (`caat-sweep sync`, and `resume` before it
+    starts): (sent, still pending). With MLflow's own retries: nothing waits on this."""
+    queue = wq.WriteQueue.load(tracker, queue_path, quick=False)
+    left = queue.close()
+    return queue.sent, left
+
+
+def send_pending(tracker: Tracker, manifest: st.Manifest) -> None:
+    """`resume`, before anything else: the writes an earlier session could not send (the
+    parent's KILLED among them). ConfigError (exit 2) when some still cannot be sent."""
+    path = pending_path(manifest.sweep_dir)
+    if not st.exists(path):
+        return
+    tracker.check_reachable()
+    sent, left = sync_pending(tracker, path)
+    if left:
+        raise ConfigError(f"tracking: {left} MLflow writes of an earlier session could not be "
+                          f"sent to {tracker.tracking_uri}; try `caat-sweep sync "
+                          f"{manifest.name}` when it answers")
+    print(f"tracking: sent the {sent} MLflow writes an earlier session had left",
+          file=sys.stderr)
+
+
+def pending_writes(sweep_dir: str, sweep: str) -> int:
+    """How many MLflow writes of a sweep wait in its storage for `caat-sweep sync`."""
+    return wq.pending_count(sweep_dir, sweep)
 
 
 def _tags(meta: Mapping[str, Any]) -> dict[str, Any]:

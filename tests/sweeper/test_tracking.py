@@ -43,9 +43,55 @@ def test_only_trial_metrics_are_logged():
 
 def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_tracking_uri_is_the_flag_then_the_environment_then_the_default(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'env.db'}"
+    assert resolve_tracking_uri("sqlite:///flag.db") == f"sqlite:///{tmp_path / 'flag.db'}"
+    (tmp_path / "bare.db").touch()
+    assert resolve_tracking_uri("bare.db") == f"sqlite:///{tmp_path / 'bare.db'}"
+
+
+def test_every_command_reads_mlflow_tracking_uri_unless_given_the_flag(tmp_path, monkeypatch,
+                                                                       capsys):
+    import sweeper.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    space = tiny_space(methods=["erm"])
+    del space["search"]["trades"]
+    path = write_space(tmp_path / "space.yaml", space)
+    storage = ["--storage", str(tmp_path / "runs")]
+    assert main(["launch", str(path), *storage, "--quiet"]) == 2
+    assert f"cannot reach {dead}" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny").exists() and not (tmp_path / "mlflow.db").exists()
+    assert main(["analyze", "tiny", "--out", str(tmp_path / "out")]) == 2
+    assert f"cannot reach {dead}" in capsys.readouterr().err
+    # The flag wins over the environment.
+    assert main(["analyze", "tiny", "--out", str(tmp_path / "out"), "--tracking-uri",
+                 "sqlite:///flag.db"]) == 2
+    assert f"no MLflow store at {tmp_path / 'flag.db'}" in capsys.readouterr().err
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    assert main(["ui"]) == 0 and dead in started[-1]
+    assert main(["ui", "--tracking-uri", "sqlite:///flag.db"]) == 0
+    assert f"sqlite:///{tmp_path / 'flag.db'}" in started[-1]
+    # --help says so, for every command that takes --tracking-uri.
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    takes = [n for n, p in sub.choices.items() if "--tracking-uri" in p.format_help()]
+    assert sorted(takes) == ["analyze", "launch", "sync", "ui"]
+    assert all("$MLFLOW_TRACKING_URI" in sub.choices[n].format_help()
+               for n in ("analyze", "launch", "ui"))
 
 
 @pytest.mark.parametrize("last, error, expected", [
