@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,9 +73,14 @@ def problem_with(fs: pafs.FileSystem, path: str) -> str | None:
     return None
 
 
-def choose_fallback(fs: pafs.FileSystem, recorded: str) -> Fallback | None:
+def choose_fallback(fs: pafs.FileSystem, recorded: str,
+                    epochs: int | None = None) -> Fallback | None:
     """None when the recorded checkpoint restores; else the trial's intact checkpoint with
-    the most epochs (ties: the newest name), or from scratch when none is intact."""
+    the most epochs (ties: the newest name), or from scratch when none is intact.
+
+    A checkpoint of the trial's last epoch (`epochs`) is passed over: restored from it, the
+    trial would have no epoch left to run and report, and would end without the result
+    that says it completed (Ray's saved state knows only an earlier one)."""
     why = problem_with(fs, recorded)
     if why is None:
         return None
@@ -86,7 +92,9 @@ def choose_fallback(fs: pafs.FileSystem, recorded: str) -> Fallback | None:
                     or not info.base_name.startswith(CHECKPOINT_PREFIX)):
                 continue
             epoch = checkpoint_epoch(fs, info.path)
-            if epoch is not None and (best is None or (epoch, info.base_name) > best[:2]):
+            if epoch is None or (epochs is not None and epoch >= epochs):
+                continue
+            if best is None or (epoch, info.base_name) > best[:2]:
                 best = (epoch, info.base_name, info.path)
     corrupt = why.startswith("corrupt")
     where = f"{recorded} {why}"
@@ -97,8 +105,9 @@ def choose_fallback(fs: pafs.FileSystem, recorded: str) -> Fallback | None:
     return Fallback(path, epoch, f"resumed from {base} at epoch {epoch} ({where})", corrupt)
 
 
-def resilient(trainable_cls: type) -> type:
-    """`trainable_cls` (a Ray Tune Trainable class) with the fallback restore above."""
+def resilient(trainable_cls: type, epochs_of: Callable[[dict], int | None]) -> type:
+    """`trainable_cls` (a Ray Tune Trainable class) with the fallback restore above;
+    `epochs_of(config)` is a trial's number of epochs."""
     from ray.train._internal.checkpoint_manager import _TrainingResult
     from ray.tune import Checkpoint
 
@@ -108,7 +117,8 @@ def resilient(trainable_cls: type) -> type:
             checkpoint = getattr(result, "checkpoint", None)
             if checkpoint is None:  # a plain path or Checkpoint: Ray's own handling
                 return super().restore(checkpoint_path)
-            fallback = choose_fallback(checkpoint.filesystem, checkpoint.path)
+            fallback = choose_fallback(checkpoint.filesystem, checkpoint.path,
+                                       epochs_of(self.config))
             if fallback is None:
                 return super().restore(checkpoint_path)
             logger.warning("trial %s: %s", self.trial_id, fallback.note)

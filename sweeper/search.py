@@ -681,7 +681,8 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     from ray.tune.trainable.function_trainable import wrap_function
 
     trainable = tune.with_resources(resilient(wrap_function(
-        tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults))),
+        tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults)),
+        epochs_of=lambda config: config[META]["epochs"]),
         {"cpu": res.cpu, "gpu": res.gpu})
     quiet_deleted_checkpoints()
     # Ray's legacy output engine is the one that shows a CLIReporter's live table.

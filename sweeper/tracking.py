@@ -321,7 +321,8 @@ class TrackingCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         self._put(trial, wq.set_status(trial.trial_id, "RUNNING"))
         if trial.checkpoint is not None:  # a resume or a retry: restored from a checkpoint
-            fallback = choose_fallback(trial.checkpoint.filesystem, trial.checkpoint.path)
+            fallback = choose_fallback(trial.checkpoint.filesystem, trial.checkpoint.path,
+                                       trial.config[self.meta_key]["epochs"])
             if fallback is not None:
                 # How the trial got past a missing or corrupt checkpoint (sweeper.restore).
                 self._put(trial, wq.set_tag(trial.trial_id, "restore", one_line(fallback.note)))

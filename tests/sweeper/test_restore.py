@@ -44,6 +44,15 @@ def test_a_missing_checkpoint_falls_back_to_the_intact_one_with_most_epochs(tmp_
     assert fallback.note == f"resumed from checkpoint_000005 at epoch 6 ({recorded} missing)"
 
 
+def test_a_checkpoint_of_the_last_epoch_is_passed_over(tmp_path):
+    # Restored from it, the trial would end with nothing to report (counted as pruned).
+    _checkpoint(tmp_path, 4, epoch=4)
+    _checkpoint(tmp_path, 5, epoch=5)
+    fallback = choose_fallback(FS, str(tmp_path / "checkpoint_000003"), epochs=5)
+    assert fallback.path.endswith("checkpoint_000004") and fallback.epoch == 4
+    assert choose_fallback(FS, str(tmp_path / "checkpoint_000003")).epoch == 5
+
+
 def test_the_most_epochs_wins_over_the_newest_name(tmp_path):
     # After a fallback Ray's index restarts below the surviving names, so a directory with
     # a lower number can hold later epochs.
