@@ -231,11 +231,10 @@ class SweepSpace(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     max_concurrent: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=2, ge=0)
-    # Ray deletes older checkpoints as new ones arrive and uploads its experiment state every
-    # `keep_checkpoints` checkpoints of a trial: a driver killed between the two can leave
-    # that state naming a deleted checkpoint, and the trial then fails on resume. Keeping
-    # all (null) rules that out, at the cost of storage and of a state uploaded less often
-    # (so more work is redone on resume).
+    # Ray deletes older checkpoints as new ones arrive and uploads its experiment state only
+    # every few checkpoints: a driver killed between the two leaves that state naming a
+    # deleted checkpoint. Resume then falls back to the trial's intact checkpoint with the
+    # most epochs (sweeper/restore.py); keeping two means one usually survives.
     keep_checkpoints: int | None = Field(default=2, ge=1)
     optuna: OptunaSpec = OptunaSpec()
     # More trials than this is refused at launch (`--force` lets it through): a typo such as
