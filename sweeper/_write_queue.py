@@ -135,11 +135,6 @@ def quick_requests(tracking_uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def _mlflow_defaults(tracking_uri: str) -> Iterator[None]:
-    yield
-
-
 # ------------------------------------------------------------------------- on disk
 
 
@@ -230,8 +225,8 @@ class WriteQueue:
         False when the server did not answer (it is marked down and the rest stays
         queued); refused ops are dropped with a warning."""
         deadline = math.inf if budget_s is None else self._clock() + budget_s
-        requests = quick_requests if self.quick else _mlflow_defaults
-        with requests(self.tracker.tracking_uri):
+        with (quick_requests(self.tracker.tracking_uri) if self.quick
+              else contextlib.nullcontext()):
             while self.ops:
                 if self._clock() >= deadline:
                     self._save(throttled=True)
@@ -246,7 +241,7 @@ class WriteQueue:
                         return False
                     self.dropped += 1
                     logger.warning("tracking: MLflow refused %s, dropped (%s)", op.describe(),
-                                   _one_line(err))
+                                   st.one_line(err))
                 self.ops.popleft()
                 self._mark_up()
         if self._on_disk:
@@ -293,7 +288,7 @@ class WriteQueue:
                 st.remove(self.path)
                 self._on_disk = False
         except (OSError, ConfigError) as err:
-            logger.warning("tracking: cannot write %s (%s)", self.path, _one_line(err))
+            logger.warning("tracking: cannot write %s (%s)", self.path, st.one_line(err))
         self._saved_at = now
 
     # -- applying one op
@@ -357,11 +352,7 @@ class WriteQueue:
         self.tracker.end_parent(op.args["run_id"], op.args["status"])
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    return " ".join(str(err).split())[:limit] or type(err).__name__
-
-
 def _cause(err: BaseException) -> str:
     """The telling part of MLflow's long connection errors: what urllib3 says caused it."""
-    text = _one_line(err, 2000)
+    text = st.one_line(err, 2000)
     return text[text.find("Caused by"):][:200] if "Caused by" in text else text[:200]

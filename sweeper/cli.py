@@ -44,8 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "metrics; allowed here: every, final")
     out = Path(args.out)
     reporter = DirectoryReporter(out, on_report=lambda m: tqdm.write(format_epoch(m)))
-    check_out_dir(out, reporter, cfg.resolved(), force=args.force)
-    resume = reporter.latest_checkpoint()
+    resume = check_out_dir(out, reporter, cfg.resolved(), force=args.force)
     # Nothing is created in OUT until the first epoch reports: bad data or scenario
     # settings fail before anything is written.
     if resume is not None:
@@ -74,9 +73,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> None:
+def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> Path | None:
     """Refuse to overwrite a run of another config, finished or not, unless `force`; with
-    `force` that run is discarded so the new one starts from scratch."""
+    `force` that run is discarded so the new one starts from scratch. Returns the checkpoint
+    to resume from (None: start afresh)."""
     from trainables.trial import load_state
 
     finished = out / "metrics.json"
@@ -86,13 +86,14 @@ def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> N
     elif resume is None and finished.is_file() and _stored_config(finished) != config:
         what = "a finished trial"
     else:
-        return
+        return resume
     if not force:
         raise CliError(f"--out: {out} holds {what} of a different config; choose another "
                        "directory, or pass --force to replace it")
     shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
     for name in ("metrics.json", "model.pt"):
         (out / name).unlink(missing_ok=True)
+    return None
 
 
 def _stored_config(metrics_file: Path) -> Any:

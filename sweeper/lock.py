@@ -156,6 +156,4 @@ class SweepLock:
                           command="unreadable lock file")
 
     def _remove(self) -> None:
-        fs, path = st.filesystem(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(path)
+        st.remove(self.path)

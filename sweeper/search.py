@@ -675,11 +675,10 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
          datasets: dict[str, SharedSplits], faults: list[FailRule], options: SweepOptions,
          stop: StopSignals, restore: bool) -> int:
     from ray import tune
+    from ray.tune.trainable.function_trainable import wrap_function
 
     warm = prepare_warm_starts(plan, datasets, manifest.sweep_dir)
     res = plan.space.resources
-    from ray.tune.trainable.function_trainable import wrap_function
-
     trainable = tune.with_resources(resilient(wrap_function(
         tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults)),
         epochs_of=lambda config: config[META]["epochs"]),

@@ -15,7 +15,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ def filesystem(uri_or_path: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri_or_path)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError with long messages
-        raise ConfigError(f"--storage: cannot open {uri_or_path} ({_one_line(err)})") from None
+        raise ConfigError(f"--storage: cannot open {uri_or_path} ({one_line(err)})") from None
 
 
 def exists(uri_or_path: str) -> bool:
@@ -159,13 +159,23 @@ def check_writable(storage: str) -> None:
     blocker = next((p for p in [root, *root.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise ConfigError(f"--storage: {storage}: {blocker} is a file, not a directory")
+    with _probe_file(root):
+        pass
+
+
+@contextlib.contextmanager
+def _probe_file(root: Path) -> Iterator[Path]:
+    """A file written in `root` for the checks above, removed afterwards with every
+    directory made for it: a refused launch leaves nothing behind."""
     created = [p for p in [root, *root.parents] if not p.exists()]
-    marker = root / f".caat-write-check-{uuid.uuid4().hex[:8]}"
+    marker = root / f".caat-storage-check-{uuid.uuid4().hex[:8]}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        marker.write_text("writable?")
-    except OSError as err:
-        raise ConfigError(f"--storage: cannot write to {storage} ({_one_line(err)})") from None
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.write_text("probe")
+        except OSError as err:
+            raise ConfigError(f"--storage: cannot write to {root} ({one_line(err)})") from None
+        yield marker
     finally:
         marker.unlink(missing_ok=True)
         for path in created:  # deepest first
@@ -185,17 +195,8 @@ def check_shared(storage: str, unseen_by: Callable[[str], list[str]] | None = No
     if is_uri(storage) and not storage.startswith("file://"):
         return
     unseen_by = unseen_by or _nodes_missing
-    root = Path(storage.removeprefix("file://"))
-    created = not root.exists()
-    marker = root / f".caat-storage-check-{uuid.uuid4().hex[:8]}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        marker.write_text("shared?")
+    with _probe_file(Path(storage.removeprefix("file://"))) as marker:
         missing = unseen_by(str(marker))
-    finally:
-        marker.unlink(missing_ok=True)
-        if created:
-            _remove_empty(root)
     if missing:
         raise ConfigError(
             f"--storage: {storage} is a local path that {len(missing)} node(s) of this Ray "
@@ -224,5 +225,6 @@ def _nodes_missing(marker: str) -> list[str]:
     return [name for name, ref in refs.items() if not ray.get(ref, timeout=120)]
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line (pyarrow's and MLflow's span many)."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
