@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sweeper import storage as st
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 if TYPE_CHECKING:
     from sweeper.tracking import Tracker

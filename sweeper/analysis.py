@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from sweeper._tracking_uri import open_client, resolve_tracking_uri
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order, with their headers.
 METRICS: tuple[str, ...] = (

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sweep exits 2 "

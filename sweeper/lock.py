@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sweeper import storage as st
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 
 @dataclass(frozen=True)

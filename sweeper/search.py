@@ -59,7 +59,8 @@ from sweeper.restore import quiet_deleted_checkpoints, resilient
 from sweeper.signals import StopSignals
 from sweeper.spaces import Cell, SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback, resolve_tracking_uri, trial_outcome
-from trainables.config import ConfigError, validate
+from trainables.config import validate
+from trainables.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainables.config import (
-    ConfigError,
     MethodConfig,
     OptimConfig,
     TrialConfig,
@@ -66,6 +65,7 @@ from trainables.config import (
     set_dotted,
     validate,
 )
+from trainables.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # The metrics a sweep may select on: validation split only (test is for reporting).

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 DEFAULT_STORAGE = "runs"
 MANIFEST = "sweep.json"

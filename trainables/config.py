@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """Bad user input: the message is one line naming the field and what is allowed."""
+from trainables.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainables.config import ConfigError, DatasetConfig
+from trainables.config import DatasetConfig
+
+from trainables.errors import ConfigError
 from trainables.registry import Registry
 
 

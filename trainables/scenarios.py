@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig

@@ -32,7 +32,7 @@ from sweeper import storage as st
 from sweeper.cli import main
 from sweeper.lock import Holder, SweepLock, lock_path
 from sweeper.tracking import Tracker
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 
 def _one_line_error(capsys) -> str:

@@ -24,7 +24,8 @@ from sweeper.search import (
 from sweeper.spaces import parse_space
 from sweeper.storage import check_shared
 from sweeper.tracking import CLASSWISE_KEYS, Tracker
-from trainables.config import ConfigError, flatten, validate
+from trainables.config import flatten, validate
+from trainables.errors import ConfigError
 
 CELL_ERM, CELL_TRADES = "pair-0.2_ir-1_eps-0.1/erm", "pair-0.2_ir-1_eps-0.1/trades"
 METRIC_NAMES = {"train_loss", "train_samples_per_s"} | {

@@ -12,7 +12,8 @@ from sweep_support import tiny_space, write_space
 
 from sweeper.cli import main
 from sweeper.spaces import Distribution, load_space, parse_space
-from trainables.config import ConfigError, validate
+from trainables.config import validate
+from trainables.errors import ConfigError
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 

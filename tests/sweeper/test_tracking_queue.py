@@ -22,7 +22,7 @@ from sweeper.tracking import (
     pending_writes,
     sync_pending,
 )
-from trainables.config import ConfigError
+from trainables.errors import ConfigError
 
 
 class Server:

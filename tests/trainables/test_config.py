@@ -1,6 +1,8 @@
 import pytest
 
-from trainables.config import ConfigError, flatten, load_config, read_yaml
+from trainables.config import flatten, load_config, read_yaml
+
+from trainables.errors import ConfigError
 
 
 def test_empty_config_trains_fashion_mnist_with_dataset_eps():

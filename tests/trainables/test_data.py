@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trainables import data
-from trainables.config import ConfigError, DatasetConfig
+from trainables.config import DatasetConfig
+from trainables.errors import ConfigError
 from trainables.data import DataError, DatasetSplits
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from trainables.config import ConfigError, load_config
+from trainables.config import load_config
+
+from trainables.errors import ConfigError
 from trainables.scenarios import (
     NOISE_TYPES,
     Scenario,

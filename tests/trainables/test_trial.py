@@ -157,7 +157,7 @@ def test_batches_cover_each_sample_once_and_replay_per_epoch():
 
 def test_init_checkpoint_must_match_the_model(tmp_path, fmnist_small):
     from trainables import models
-    from trainables.config import ConfigError
+    from trainables.errors import ConfigError
 
     other = models.build("small_cnn", 5, 1, input_shape=(1, 28, 28))
     models.save_checkpoint(other, tmp_path / "m.pt")

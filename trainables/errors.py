@@ -1,0 +1,16 @@
+"""The project's own exceptions, kept free of imports so any module can raise them.
+
+Two kinds, because a user fixes them differently:
+- `ConfigError`: bad input (a config field, a flag, a file). The message is one line naming the
+  field and what is allowed; the CLI prints it and exits 2.
+- `ServiceUnavailable`: the input may be right but a service it names (an MLflow tracking
+  server) did not answer. The CLI prints it the same way, so scripts see the same exit code.
+"""
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one line naming the field and what is allowed."""
+
+
+class ServiceUnavailable(ConnectionError):
+    """A service named by the input (a tracking server) could not be reached."""
