@@ -72,7 +72,7 @@ from sweeper._tracking_uri import (  # noqa: F401
 from sweeper._write_queue import QUEUE_FILE, pending_path  # noqa: F401
 from sweeper.restore import choose_fallback
 from trainables.errors import ConfigError
-from trainables.diagnostics import CLASSWISE_DIAGNOSTICS
+from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

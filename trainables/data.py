@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from trainables.config import DatasetConfig
-
 from trainables.errors import ConfigError
 from trainables.registry import Registry
 

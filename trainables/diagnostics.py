@@ -19,10 +19,6 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-# Class-wise lists (one value per class, by observed label) reported every epoch; the trial
-# also reports each one's history as `<name>_by_epoch` (a list per epoch).
-CLASSWISE_DIAGNOSTICS = ("train_class_frac_anti", "train_class_mean_eps")
-
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     """ROC AUC of ``score`` as a detector of ``positive`` (pure): the probability that a

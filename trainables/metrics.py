@@ -11,16 +11,6 @@ from torch import nn
 
 from trainables.attacks import pgd_ce
 
-# Names of the scalar metrics `evaluate` returns (reported as f"{split}_{name}").
-SCALAR_METRICS = (
-    "natural_acc",
-    "robust_acc",
-    "worst_class_natural_acc",
-    "worst_class_robust_acc",
-    "class_natural_acc_std",
-    "boundary_error",
-)
-
 
 def class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Per-class accuracy (C,); a class absent from ``y`` gets NaN rather than 0 or 1."""

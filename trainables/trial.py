@@ -29,8 +29,9 @@ from torch import nn
 from trainables import data as data_mod
 from trainables import methods, models
 from trainables.config import TrialConfig, validate
+from trainables.diagnostics import EpochSamples, direction_diagnostics
 from trainables.errors import ConfigError
-from trainables.diagnostics import CLASSWISE_DIAGNOSTICS, EpochSamples, direction_diagnostics
+from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 from trainables.metrics import evaluate
 from trainables.scenarios import Scenario, build_scenario, pick_test_subset
 

@@ -1,7 +1,6 @@
 import pytest
 
 from trainables.config import flatten, load_config, read_yaml
-
 from trainables.errors import ConfigError
 
 

@@ -13,8 +13,8 @@ import torch
 
 from trainables import data
 from trainables.config import DatasetConfig
-from trainables.errors import ConfigError
 from trainables.data import DataError, DatasetSplits
+from trainables.errors import ConfigError
 
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 REAL_DOWNLOAD = data._download

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainables.metrics import SCALAR_METRICS, class_accuracy, evaluate, summarise
+from trainables.metric_names import SCALAR_METRICS
+from trainables.metrics import class_accuracy, evaluate, summarise
 
 
 def test_summarise_matches_hand_computation():

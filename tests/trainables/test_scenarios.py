@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from trainables.config import load_config
-
 from trainables.errors import ConfigError
 from trainables.scenarios import (
     NOISE_TYPES,

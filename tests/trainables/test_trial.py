@@ -7,7 +7,7 @@ from conftest import tiny_config
 from trainables import methods
 from trainables.config import load_config
 from trainables.methods.base import Method, StepResult
-from trainables.metrics import SCALAR_METRICS
+from trainables.metric_names import SCALAR_METRICS
 from trainables.trial import (
     DirectoryReporter,
     NonFiniteLossError,
