@@ -1,7 +1,7 @@
 """Sweep test support: one local Ray for in-process sweeps, tiny gmm spaces, process hygiene.
 
-Test modules import what they use (`from sweep_support import ray_local, tiny_space`); a
-conftest.py here would shadow tests/conftest.py for `from conftest import ...`.
+Test modules import the helpers they use (`from sweep_support import tiny_space`); the
+fixtures (`ray_local`, `private_ray_env`) live in this folder's conftest.py.
 
 Ray takes seconds to start, so the in-process sweep tests share one local instance (two
 CPUs, like CI). Tests that need their own driver or cluster (SIGKILL, multi-node) start
@@ -13,16 +13,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 CLI = [sys.executable, "-m", "sweeper.cli"]
@@ -66,17 +63,6 @@ def write_space(path: Path, space: dict) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray shared by the in-process sweep tests (2 CPUs, no dashboard)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,17 +81,6 @@ def wait_http(url: str, timeout: float = 90.0) -> None:
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
-@pytest.fixture
-def private_ray_env():
-    """Environment for subprocesses with their own Ray: a private temp dir (short, for
-    Ray's socket paths), removed afterwards."""
-    env = dict(os.environ)
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env["CAAT_OFFLINE"] = "1"
-    yield env
-    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def session_pids(sid: int) -> list[int]:

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from trial_support import tiny_config
 
 from sweeper.cli import main
 from trainables.models import load_checkpoint

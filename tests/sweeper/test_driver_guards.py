@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_config
-from sweep_support import (  # noqa: F401
+from sweep_support import (
     CLI,
     kill_session,
-    private_ray_env,
     session_pids,
     tiny_space,
     write_space,
 )
+from trial_support import tiny_config
 
 from sweeper import search
 from sweeper import storage as st
@@ -210,7 +209,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str):
 
 
 @pytest.mark.slow
-def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path, private_ray_env):  # noqa: F811
+def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path, private_ray_env):
     path = write_space(tmp_path / "space.yaml", _slow_space("twice"))
     db, storage = tmp_path / "mlflow.db", tmp_path / "runs"
     args = ["--storage", str(storage), "--quiet"]
@@ -241,7 +240,7 @@ def test_a_second_driver_of_a_running_sweep_is_refused(tmp_path, private_ray_env
 
 @pytest.mark.slow
 def test_sigterm_stops_the_sweep_cleanly_and_resume_finishes_it(tmp_path,
-                                                                private_ray_env):  # noqa: F811
+                                                                private_ray_env):
     path = write_space(tmp_path / "space.yaml", _slow_space("term"))
     db, storage = tmp_path / "mlflow.db", tmp_path / "runs"
     args = ["--storage", str(storage), "--quiet"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sweep_support import ray_local, tiny_space, write_space  # noqa: F401
+from sweep_support import tiny_space, write_space
 
 from sweeper.cli import main
 from sweeper.search import (
@@ -177,7 +177,7 @@ def test_local_storage_unseen_by_a_node_is_rejected_before_launch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_sweep(ray_local, tmp_path_factory):  # noqa: F811
+def tiny_sweep(ray_local, tmp_path_factory):
     """One launch, shared by the assertions below: 2 cells x 3 tuning trials, then the
     best of each cell with 2 seeds; a 1-epoch ERM warm start per scenario and seed."""
     root = tmp_path_factory.mktemp("tiny")
@@ -312,7 +312,7 @@ def test_status_shows_each_cell(tiny_sweep, capsys):
 
 
 def test_failing_trials_retry_from_checkpoint_or_end_failed_with_their_reason(
-        ray_local, tmp_path, monkeypatch, capsys):  # noqa: F811
+        ray_local, tmp_path, monkeypatch, capsys):
     # ERM trials raise once at epoch 2: only a retry that restores the epoch-1 checkpoint
     # gets past it (a restart from scratch would raise again and exhaust max_failures=1).
     # TRADES trials raise at epoch 2 in every attempt: they end failed, the sweep goes on.
@@ -342,7 +342,7 @@ def test_failing_trials_retry_from_checkpoint_or_end_failed_with_their_reason(
     assert manifest["state"] == "done"
 
 
-def test_caat_diagnostics_reach_mlflow_as_metrics(ray_local, tmp_path):  # noqa: F811
+def test_caat_diagnostics_reach_mlflow_as_metrics(ray_local, tmp_path):
     """A tiny CAAT sweep on a noisy mixture: every trial run carries the direction
     diagnostics per epoch, and its classwise.json their class-wise lists by epoch."""
     space = tiny_space(name="tinycaat", methods=["caat"], confirm={"seeds": []})

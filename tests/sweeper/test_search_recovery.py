@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sweep_support import (  # noqa: F401
+from sweep_support import (
     CLI,
     kill_session,
-    private_ray_env,
     session_pids,
     tiny_space,
     write_space,
@@ -93,7 +92,7 @@ KILL_POINTS = {
 
 
 def test_driver_killed_at_every_stage_resumes_with_default_checkpoints(
-        tmp_path, private_ray_env):  # noqa: F811
+        tmp_path, private_ray_env):
     # Default keep_checkpoints (2): Ray prunes checkpoints its last saved state may still
     # name; resume falls back to an intact one (sweeper/restore.py) instead of failing.
     space = _slow_space("killed", epochs=5, n_train=3000, confirm={"seeds": [1, 2]})
@@ -156,7 +155,7 @@ def test_driver_killed_at_every_stage_resumes_with_default_checkpoints(
     print(f"checkpoint fallbacks: {fallbacks}")  # which kills hit Ray's pruning window
 
 
-def test_corrupt_checkpoints_do_not_fail_their_trials(tmp_path, private_ray_env):  # noqa: F811
+def test_corrupt_checkpoints_do_not_fail_their_trials(tmp_path, private_ray_env):
     space = _slow_space("corrupt", epochs=8, n_train=6000, confirm={"seeds": []})
     path = write_space(tmp_path / "space.yaml", space)
     db, storage = tmp_path / "mlflow.db", tmp_path / "runs"
@@ -245,7 +244,7 @@ cluster.shutdown()
 '''
 
 
-def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path, private_ray_env):  # noqa: F811
+def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path, private_ray_env):
     space = _slow_space("nodes", epochs=6, n_train=20000, max_failures=2,
                         asha={"enabled": False}, confirm={"seeds": []})
     space["methods"] = ["erm"]

@@ -11,11 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sweep_support import (  # noqa: F401
+from sweep_support import (
     CLI,
     free_port,
     kill_session,
-    ray_local,
     tiny_space,
     wait_http,
     write_space,
@@ -152,7 +151,7 @@ def test_end_of_session_deletes_unknown_trials_and_closes_running_runs(tmp_path)
     assert Tracker(uri, "t").trial_runs()[0].info.status == "RUNNING"
 
 
-def test_sweep_against_a_real_mlflow_server(ray_local, tmp_path):  # noqa: F811
+def test_sweep_against_a_real_mlflow_server(ray_local, tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from sweep_support import (  # noqa: F401
+from sweep_support import (
     CLI,
     free_port,
     kill_session,
-    private_ray_env,
     session_pids,
     tiny_space,
     wait_http,
@@ -123,7 +122,7 @@ def _check_every_trial_logged_once(uri: str, sweep_dir: Path) -> None:
 
 
 def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
-                                                                   private_ray_env):  # noqa: F811
+                                                                   private_ray_env):
     server = MlflowServer(tmp_path)
     server.start()
     # `mlflow server` takes 10-40 s to start again: the sweep must outlast that.
@@ -155,7 +154,7 @@ def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
 
 
 def test_a_server_down_until_the_end_is_caught_up_by_sync(tmp_path,
-                                                          private_ray_env):  # noqa: F811
+                                                          private_ray_env):
     server = MlflowServer(tmp_path)
     server.start()
     driver = _launch(tmp_path, _space("outage", epochs=4, n_train=10000), server,

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from trial_support import tiny_config
 
 from trainables.trial import DirectoryReporter, run_trial
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import tiny_config
+from trial_support import tiny_config
 
 from trainables.config import load_config
 from trainables.scenarios import pick_test_subset

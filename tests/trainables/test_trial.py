@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from trial_support import tiny_config
 
 from trainables import methods
 from trainables.config import load_config

@@ -1,0 +1,29 @@
+"""Names of the metrics a trial reports, with no imports: the one list every reader derives from.
+
+Evaluation (`trainables.metrics`) reports each scalar as f"{split}_{name}" and each class-wise
+list as f"{split}_class_{...}"; the trial loop adds the training diagnostics. The sweeper's MLflow
+contract (`sweeper.contract`) builds its selection metrics, table columns and class-wise
+artifact keys from these tuples, so a metric added here reaches every reader.
+"""
+
+# Scalars `trainables.metrics.evaluate` returns for a split.
+SCALAR_METRICS = (
+    "natural_acc",
+    "robust_acc",
+    "worst_class_natural_acc",
+    "worst_class_robust_acc",
+    "class_natural_acc_std",
+    "boundary_error",
+)
+# Class-wise lists `evaluate` returns for a split (one value per class, true labels).
+CLASSWISE_METRICS = ("class_natural_acc", "class_robust_acc")
+# Splits evaluated: validation for selection, test for reporting.
+EVAL_SPLITS = ("val", "test")
+# Class-wise lists (one value per class, by observed label) the trial reports every epoch; it
+# also reports each one's history as `<name>_by_epoch` (a list per epoch).
+CLASSWISE_DIAGNOSTICS = ("train_class_frac_anti", "train_class_mean_eps")
+
+
+def split_metrics(split: str, names: tuple[str, ...] = SCALAR_METRICS) -> tuple[str, ...]:
+    """The reported names of ``names`` on ``split``: ("val", ...) -> ("val_natural_acc", ...)."""
+    return tuple(f"{split}_{n}" for n in names)
