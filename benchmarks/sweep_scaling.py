@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from sweeper.search import META, SharedSplits, data_key, sweep_trial
+from sweeper.search import SWEEP_KEY, SharedSplits, data_key, sweep_trial
 from trainables.config import validate
 
 
@@ -65,7 +65,7 @@ def run(concurrency: int, args: argparse.Namespace, datasets: dict, storage: str
         tune.with_parameters(sweep_trial, datasets=datasets, warm_starts={}, faults=[]),
         {"cpu": 1})
     tuner = tune.Tuner(
-        trainable, param_space={**cfg, META: tune.grid_search(metas)},
+        trainable, param_space={**cfg, SWEEP_KEY: tune.grid_search(metas)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name=f"scaling-{concurrency}", storage_path=storage,
                                   verbose=0))

@@ -64,7 +64,7 @@ from trainables.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-META = "_sweep"  # reserved key in a Ray trial config: the trial's place in the sweep
+SWEEP_KEY = "_sweep"  # reserved key in a Ray trial config: the trial's place in the sweep
 FAULT_ENV = "CAAT_FAIL_AT_EPOCH"
 TUNE, CONFIRM = "tune", "confirm"
 
@@ -86,7 +86,7 @@ class CellSearcher(Searcher):
         self.selection = plan.space.selection
         self.scheduler = scheduler
         self._subs = {c.id: self._optuna(c, i) for i, c in enumerate(plan.cells)}
-        self._trials: dict[str, dict[str, Any]] = {}  # trial id -> meta + params
+        self._trials: dict[str, dict[str, Any]] = {}  # trial id -> entry + params
         self._issued = {c.id: 0 for c in plan.cells}  # tuning trials handed out
         self._confirmed = {c.id: 0 for c in plan.cells}  # confirmation trials handed out
         self._ended: dict[str, tuple[str, float | None]] = {}  # trial id -> (outcome, value)
@@ -191,9 +191,9 @@ class CellSearcher(Searcher):
     def _config(self, trial_id: str, cell: Cell, phase: str, params: dict, seed: int | None,
                 tuned_by: str | None = None) -> dict:
         cfg = self.plan.trial_config(cell, params, seed, tuning=phase == TUNE)
-        meta = trial_meta(cell, phase, cfg, tuned_by)
-        self._trials[trial_id] = {**meta, "params": dict(params)}
-        return {**cfg, META: meta}
+        entry = sweep_entry(cell, phase, cfg, tuned_by)
+        self._trials[trial_id] = {**entry, "params": dict(params)}
+        return {**cfg, SWEEP_KEY: entry}
 
     def complete(self) -> bool:
         """Every cell tuned and confirmed, and every trial handed out has ended."""
@@ -236,13 +236,13 @@ class CellSearcher(Searcher):
         return {k: s._ot_study for k, s in self._subs.items() if s is not None}
 
 
-def trial_meta(cell: Cell, phase: str, cfg: Mapping[str, Any],
+def sweep_entry(cell: Cell, phase: str, cfg: Mapping[str, Any],
                tuned_by: str | None = None) -> dict[str, Any]:
     """What a trial's `_sweep` key holds: its place in the sweep and its shared inputs."""
     tc = validate(cfg)
     return {"cell": cell.id, "scenario": cell.scenario, "method": cell.method, "phase": phase,
             "seed": tc.runtime.seed, "epochs": tc.optim.epochs, "data": data_key(tc),
-            "warm_start": warm_start_id(cell, tc.runtime.seed), "tuned_by": tuned_by}
+            "warm_start": warm_start_for(cell, tc.runtime.seed), "tuned_by": tuned_by}
 
 
 def load_search_state(sweep_dir: str) -> dict[str, Any] | None:
@@ -295,8 +295,8 @@ class CellScheduler(FIFOScheduler):
             for c in plan.cells} if asha.enabled else {}
 
     def _for(self, trial):
-        meta = trial.config.get(META, {})
-        return self._asha.get(meta.get("cell")) if meta.get("phase") == TUNE else None
+        entry = trial.config.get(SWEEP_KEY, {})
+        return self._asha.get(entry.get("cell")) if entry.get("phase") == TUNE else None
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if (s := self._for(trial)) is not None:
@@ -339,7 +339,7 @@ def data_key(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def warm_start_id(cell: Cell, seed: int) -> str | None:
+def warm_start_for(cell: Cell, seed: int) -> str | None:
     """The ERM warm start a cell's trials with this seed share, or None when not used.
 
     It is trained from the cell's unsampled config: the knobs a space samples (e.g.
@@ -439,7 +439,7 @@ def prepare_warm_starts(plan: SweepPlan, datasets: Mapping[str, SharedSplits],
     needed: dict[str, dict] = {}
     for cell in plan.cells:
         for seed in [validate(cell.config).runtime.seed, *plan.space.confirm.seeds]:
-            key = warm_start_id(cell, seed)
+            key = warm_start_for(cell, seed)
             if key is not None and key not in needed:
                 needed[key] = plan.trial_config(cell, {}, seed)
     out, pending = {}, {}
@@ -518,16 +518,16 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
 
     # One line per checkpoint per epoch from every trial buries the progress table.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    meta = config[META]
-    cfg = validate({k: v for k, v in config.items() if k != META})
+    entry = config[SWEEP_KEY]
+    cfg = validate({k: v for k, v in config.items() if k != SWEEP_KEY})
     ws = None
-    if meta.get("warm_start"):
+    if entry.get("warm_start"):
         # This trial's own key maps to the warm start its scenario and seed share.
-        ws = {warm_start_key(cfg): warm_starts[meta["warm_start"]]}
+        ws = {warm_start_key(cfg): warm_starts[entry["warm_start"]]}
     reporter = RayReporter()
     if faults:
-        reporter = _FaultyReporter(reporter, faults, meta["cell"])
-    run_trial(cfg, reporter, splits=datasets[meta["data"]].to_splits(), warm_starts=ws)
+        reporter = _FaultyReporter(reporter, faults, entry["cell"])
+    run_trial(cfg, reporter, splits=datasets[entry["data"]].to_splits(), warm_starts=ws)
 
 
 def trial_name(trial) -> str:
@@ -682,7 +682,7 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     res = plan.space.resources
     trainable = tune.with_resources(resilient(wrap_function(
         tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults)),
-        epochs_of=lambda config: config[META]["epochs"]),
+        epochs_of=lambda config: config[SWEEP_KEY]["epochs"]),
         {"cpu": res.cpu, "gpu": res.gpu})
     quiet_deleted_checkpoints()
     # Ray's legacy output engine is the one that shows a CLIReporter's live table.
@@ -712,11 +712,11 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
     sel = plan.space.selection
     reporter = tune.CLIReporter(
         metric_columns={"epoch": "epoch", sel.metric: sel.metric, "train_loss": "loss"},
-        parameter_columns={f"{META}/cell": "cell", f"{META}/method": "method",
-                           f"{META}/phase": "phase", f"{META}/seed": "seed"},
+        parameter_columns={f"{SWEEP_KEY}/cell": "cell", f"{SWEEP_KEY}/method": "method",
+                           f"{SWEEP_KEY}/phase": "phase", f"{SWEEP_KEY}/seed": "seed"},
         max_report_frequency=int(options.progress_every_s), sort_by_metric=False,
         max_column_length=48)
-    callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, META,
+    callback = TrackingCallback(manifest.tracking_uri, plan.name, manifest.parent_run_id, SWEEP_KEY,
                                 queue_path=tracking.pending_path(manifest.sweep_dir))
     return tune.Tuner(
         trainable, param_space={},

@@ -266,13 +266,13 @@ class Tracker:
 # ----------------------------------------------------------------------- the callback
 
 
-def trial_outcome(meta: Mapping[str, Any], last_result: Mapping[str, Any] | None,
+def trial_outcome(entry: Mapping[str, Any], last_result: Mapping[str, Any] | None,
                   error: bool) -> str:
     """`failed`, `completed` (reached its last epoch) or `pruned` (stopped before by ASHA)."""
     if error:
         return "failed"
     epoch = (last_result or {}).get("epoch", 0)
-    return "completed" if epoch >= meta["epochs"] else "pruned"
+    return "completed" if epoch >= entry["epochs"] else "pruned"
 
 
 class TrackingCallback(Callback):
@@ -280,12 +280,12 @@ class TrackingCallback(Callback):
     wait out a tracking server that does not answer). Picklable: Ray Tune stores its
     callbacks with the experiment, and a restored sweep gets this object back."""
 
-    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, meta_key: str,
+    def __init__(self, tracking_uri: str, sweep: str, parent_run_id: str, sweep_key: str,
                  queue_path: str | None = None):
         self.tracking_uri = tracking_uri
         self.sweep = sweep
         self.parent_run_id = parent_run_id
-        self.meta_key = meta_key
+        self.sweep_key = sweep_key
         self.queue_path = queue_path  # where unsent writes are kept (None: memory only)
         self._reset()
 
@@ -298,10 +298,14 @@ class TrackingCallback(Callback):
 
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("tracking_uri", "sweep", "parent_run_id",
-                                               "meta_key", "queue_path")}
+                                               "sweep_key", "queue_path")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update({"queue_path": None, **state})  # sweeps saved before the queue
+        # Sweeps saved before the queue have no queue_path; before the rename, "meta_key".
+        state = {"queue_path": None, **state}
+        if "meta_key" in state:
+            state["sweep_key"] = state.pop("meta_key")
+        self.__dict__.update(state)
         self._reset()
 
     @property
@@ -322,7 +326,7 @@ class TrackingCallback(Callback):
         self._put(trial, wq.set_status(trial.trial_id, "RUNNING"))
         if trial.checkpoint is not None:  # a resume or a retry: restored from a checkpoint
             fallback = choose_fallback(trial.checkpoint.filesystem, trial.checkpoint.path,
-                                       trial.config[self.meta_key]["epochs"])
+                                       trial.config[self.sweep_key]["epochs"])
             if fallback is not None:
                 # How the trial got past a missing or corrupt checkpoint (sweeper.restore).
                 self._put(trial, wq.set_tag(trial.trial_id, "restore", one_line(fallback.note)))
@@ -349,7 +353,7 @@ class TrackingCallback(Callback):
         self._put(trial, wq.set_tag(trial.trial_id, "retries", str(trial.num_failures)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
-        outcome = trial_outcome(trial.config[self.meta_key], trial.last_result, error=False)
+        outcome = trial_outcome(trial.config[self.sweep_key], trial.last_result, error=False)
         self._put(trial, wq.finish(trial.trial_id, outcome, None, self._last_classwise(trial)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
@@ -367,9 +371,9 @@ class TrackingCallback(Callback):
         created, once per driver session."""
         tid = trial.trial_id
         if tid not in self._ensured:
-            meta = trial.config[self.meta_key]
-            self.queue.put(wq.ensure_run(tid, self.parent_run_id, _tags(meta),
-                                         trial_params(trial.config, self.meta_key)))
+            entry = trial.config[self.sweep_key]
+            self.queue.put(wq.ensure_run(tid, self.parent_run_id, _tags(entry),
+                                         trial_params(trial.config, self.sweep_key)))
             self._ensured.add(tid)
         self.queue.put(op)
 
@@ -415,14 +419,14 @@ def pending_writes(sweep_dir: str, sweep: str) -> int:
     return wq.pending_count(sweep_dir, sweep)
 
 
-def _tags(meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: meta[k] for k in ("cell", "scenario", "method", "seed", "phase")}
+def _tags(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in ("cell", "scenario", "method", "seed", "phase")}
 
 
-def trial_params(config: Mapping[str, Any], meta_key: str) -> dict[str, Any]:
+def trial_params(config: Mapping[str, Any], sweep_key: str) -> dict[str, Any]:
     from sweeper.spaces import resolved_params
 
-    return resolved_params({k: v for k, v in config.items() if k != meta_key})
+    return resolved_params({k: v for k, v in config.items() if k != sweep_key})
 
 
 def _read_classwise(checkpoint) -> dict | None:

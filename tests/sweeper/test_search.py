@@ -13,7 +13,7 @@ from sweep_support import tiny_space, write_space
 
 from sweeper.cli import main
 from sweeper.search import (
-    META,
+    SWEEP_KEY,
     CellScheduler,
     CellSearcher,
     FailRule,
@@ -48,25 +48,26 @@ def test_searcher_hands_out_cells_round_robin_then_confirms_the_best():
     plan = parse_space(tiny_space(confirm={"seeds": [1, 2]}))
     searcher = CellSearcher(plan, CellScheduler(plan))
     configs = {t: searcher.suggest(t) for t in ("t1", "t2", "t3", "t4")}
-    assert [c[META]["cell"] for c in configs.values()] == [CELL_ERM, CELL_TRADES] * 2
-    assert all(c[META]["phase"] == "tune" and c[META]["seed"] == 0 for c in configs.values())
-    validate({k: v for k, v in configs["t2"].items() if k != META})  # a whole trial config
+    assert [c[SWEEP_KEY]["cell"] for c in configs.values()] == [CELL_ERM, CELL_TRADES] * 2
+    assert all(c[SWEEP_KEY]["phase"] == "tune" and c[SWEEP_KEY]["seed"] == 0
+               for c in configs.values())
+    validate({k: v for k, v in configs["t2"].items() if k != SWEEP_KEY})  # a whole trial config
     assert searcher.suggest("t5") is None  # nothing to confirm until a cell's tuning ends
 
     searcher.on_trial_result("t1", _result(1, 0.5))
     searcher.on_trial_complete("t1", _result(3, 0.8))  # completed
     searcher.on_trial_complete("t3", _result(1, 0.2))  # stopped by ASHA at epoch 1
     confirm = searcher.suggest("c1")
-    assert confirm[META] | {"data": None, "warm_start": None} == {
+    assert confirm[SWEEP_KEY] | {"data": None, "warm_start": None} == {
         "cell": CELL_ERM, "scenario": "pair-0.2_ir-1_eps-0.1", "method": "erm",
         "phase": "confirm", "seed": 1, "epochs": 3, "data": None, "warm_start": None,
         "tuned_by": "t1"}
     assert confirm["optim"]["lr"] == configs["t1"]["optim"]["lr"]
-    assert searcher.suggest("c2")[META]["seed"] == 2
+    assert searcher.suggest("c2")[SWEEP_KEY]["seed"] == 2
 
     searcher.on_trial_complete("t2", None, error=True)
     searcher.on_trial_complete("t4", _result(3, 0.6))
-    assert {searcher.suggest(t)[META]["cell"] for t in ("c3", "c4")} == {CELL_TRADES}
+    assert {searcher.suggest(t)[SWEEP_KEY]["cell"] for t in ("c3", "c4")} == {CELL_TRADES}
     assert searcher.suggest("c5") == CellSearcher.FINISHED
     assert not searcher.complete()
     for t in ("c1", "c2", "c3", "c4"):
@@ -109,7 +110,7 @@ def test_searcher_state_round_trips_with_studies_and_asha_rungs(tmp_path):
     rungs = scheduler2.get_state()[CELL_ERM]["_brackets"][0]._rungs
     assert {"t1": 0.4} in [recorded for _, recorded in rungs]
     # It goes on where it stopped: t4 is the last tuning trial (trades), then waits.
-    assert restored.suggest("t4")[META]["cell"] == CELL_TRADES
+    assert restored.suggest("t4")[SWEEP_KEY]["cell"] == CELL_TRADES
     assert restored.suggest("t5") is None
 
 
@@ -121,7 +122,7 @@ def _trial(trial_id: str, config: dict) -> SimpleNamespace:
 
 
 def _meta(cell: str, phase: str = "tune") -> dict:
-    return {META: {"cell": cell, "phase": phase}}
+    return {SWEEP_KEY: {"cell": cell, "phase": phase}}
 
 
 def test_asha_compares_trials_only_within_their_cell():
@@ -243,7 +244,7 @@ def test_params_metrics_and_classwise_artifact(tiny_sweep):
         config = json.loads((tiny_sweep.sweep_dir / run.data.tags["trial_id"] /
                              "params.json").read_text())
         expected = flatten(validate({k: v for k, v in config.items()
-                                     if k != META}).resolved())
+                                     if k != SWEEP_KEY}).resolved())
         assert params == {k: str(v) for k, v in expected.items()}
         assert set(run.data.metrics) == METRIC_NAMES  # only trial metrics, none of Ray's
         history = client.get_metric_history(run.info.run_id, "train_loss")

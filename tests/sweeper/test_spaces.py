@@ -50,13 +50,13 @@ def test_quick_space_is_the_cpu_demo():
 
 
 def test_tuning_trials_skip_the_test_split_only_when_asked():
-    from sweeper.search import META, CellSearcher
+    from sweeper.search import SWEEP_KEY, CellSearcher
 
     for tune_test, expected in ((True, "every"), (False, "none")):
         plan = parse_space(tiny_space(confirm={"seeds": [1], "tune_test": tune_test}))
         searcher = CellSearcher(plan)
         tune = searcher.suggest("t1")
-        assert tune[META]["phase"] == "tune" and tune["eval"].get("test", "every") == expected
+        assert tune[SWEEP_KEY]["phase"] == "tune" and tune["eval"].get("test", "every") == expected
         # The confirmation runs, which the tables read, always evaluate test.
         confirm = plan.trial_config(plan.cells[0], {}, 1)
         assert confirm["eval"].get("test", "every") == "every"

@@ -21,7 +21,7 @@ from sweep_support import (
 )
 
 from sweeper.cli import main
-from sweeper.search import META
+from sweeper.search import SWEEP_KEY
 from sweeper.tracking import (
     Tracker,
     TrackingCallback,
@@ -103,7 +103,7 @@ def test_outcome_of_a_trial(last, error, expected):
 def _fake_trial(trial_id: str, epochs_done: int = 0) -> SimpleNamespace:
     config = {"dataset": {"name": "gmm", "shape": [1, 1, 8], "num_classes": 3},
               "method": {"name": "erm"},
-              META: {"cell": "s/erm", "scenario": "s", "method": "erm", "seed": 0,
+              SWEEP_KEY: {"cell": "s/erm", "scenario": "s", "method": "erm", "seed": 0,
                      "phase": "tune", "epochs": 3}}
     return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=None,
                            last_result={"epoch": epochs_done}, num_failures=0,
@@ -114,7 +114,7 @@ def test_a_restarted_driver_finds_runs_by_trial_id_and_logs_each_epoch_once(tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "name: t\n")
     trial = _fake_trial("abc")
-    first = TrackingCallback(uri, "t", parent, META)
+    first = TrackingCallback(uri, "t", parent, SWEEP_KEY)
     first.on_trial_start(0, [], trial)
     for epoch in (1, 2):
         first.on_trial_result(0, [], trial, {"epoch": epoch, "train_loss": 1.0 / epoch})
@@ -139,7 +139,7 @@ def test_a_restarted_driver_finds_runs_by_trial_id_and_logs_each_epoch_once(tmp_
 def test_end_of_session_deletes_unknown_trials_and_closes_running_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "")
-    callback = TrackingCallback(uri, "t", parent, META)
+    callback = TrackingCallback(uri, "t", parent, SWEEP_KEY)
     known, orphan = _fake_trial("known"), _fake_trial("orphan")
     for trial in (known, orphan):
         callback.on_trial_start(0, [], trial)

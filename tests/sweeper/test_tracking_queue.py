@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from sweep_support import tiny_space
 
 from sweeper import _write_queue as wq
-from sweeper.search import META
+from sweeper.search import SWEEP_KEY
 from sweeper.tracking import (
     Tracker,
     TrackingCallback,
@@ -82,7 +82,7 @@ class Clock:
 def _trial(trial_id: str) -> SimpleNamespace:
     config = {"dataset": {"name": "gmm", "shape": [1, 1, 8], "num_classes": 3},
               "method": {"name": "erm"},
-              META: {"cell": "s/erm", "scenario": "s", "method": "erm", "seed": 0,
+              SWEEP_KEY: {"cell": "s/erm", "scenario": "s", "method": "erm", "seed": 0,
                      "phase": "tune", "epochs": 3}}
     return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=None,
                            last_result={"epoch": 0}, num_failures=0, status="RUNNING")
@@ -96,7 +96,7 @@ def sweep(tmp_path):
     parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "name: t\n")
     server, clock = Server(), Clock()
     path = pending_path(str(tmp_path / "runs" / "t"))
-    callback = TrackingCallback(uri, "t", parent, META, queue_path=path)
+    callback = TrackingCallback(uri, "t", parent, SWEEP_KEY, queue_path=path)
     callback._tracker = FlakyTracker(uri, "t", server)
     callback._queue = wq.WriteQueue(callback._tracker, path, clock=clock)
     return SimpleNamespace(uri=uri, parent=parent, server=server, clock=clock, path=path,
