@@ -35,8 +35,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from sweeper._tracking_uri import open_client, resolve_tracking_uri
 from sweeper.cli import TRACKING_URI_HELP
+from sweeper.contract import experiment_name, open_client, resolve_tracking_uri, search_all_runs
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # A headless run on a CI machine without network, GPU, user namespaces or a large /dev/shm.
@@ -208,13 +208,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 def sweep_runs(uri: str, name: str) -> tuple[str, str, str | None, list[str]]:
     """(experiment id, experiment name, parent run id, trial run names) of the sweep."""
-    from sweeper.tracking import EXPERIMENT_PREFIX
-
     client = open_client(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT_PREFIX + name)
+    exp = client.get_experiment_by_name(experiment_name(name))
     if exp is None:
         raise SystemExit(f"ui_screenshot: no sweep {name!r} in {uri}")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    runs = search_all_runs(client, exp.experiment_id)
     parent = next((r.info.run_id for r in runs if r.data.tags.get("role") == "parent"), None)
     trials = [r.info.run_name for r in runs if r.data.tags.get("role") != "parent"]
     return exp.experiment_id, exp.name, parent, trials

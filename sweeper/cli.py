@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trainables.errors import ConfigError
+from sweeper.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV, resolve_tracking_uri
+from trainables.errors import ConfigError, ServiceUnavailable
 
 EXIT_BAD_INPUT = 2
 DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sweep exits 2 "
@@ -160,7 +161,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_sync(args: argparse.Namespace) -> int:
     from sweeper import storage
-    from sweeper.tracking import Tracker, pending_path, resolve_tracking_uri, sync_pending
+    from sweeper.tracking import Tracker, pending_path, sync_pending
 
     manifest = storage.load_manifest(storage.resolve_storage(args.storage), args.name)
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri else manifest.tracking_uri
@@ -177,8 +178,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
-
-    from sweeper.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_port_free(args.port)
@@ -230,7 +229,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for path in files:
         print(f"  {path}")
     print(f"open {out / 'summary.html'} in a browser for the tables and plots together")
-    uri = analysis.resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
     print(f"every trial in the MLflow UI: caat-sweep ui --tracking-uri {uri} "
           "(then http://127.0.0.1:5000)")
     return 0
@@ -333,9 +332,9 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
                    help="directory or cloud URI (s3://, gs://) holding sweeps (default ./runs)")
 
 
-# sweeper.tracking.resolve_tracking_uri applies this order (kept here: --help imports no Ray).
+# The order sweeper.contract.resolve_tracking_uri applies.
 TRACKING_URI_HELP = ("MLflow tracking URI: http://host:port for a tracking server, or a SQLite "
-                     "store (default: $MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db)")
+                     f"store (default: ${TRACKING_URI_ENV} when set, else {DEFAULT_TRACKING_URI})")
 
 
 def _tracking_arg(p: argparse.ArgumentParser) -> None:
@@ -355,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except ConfigError as err:
+    except (ConfigError, ServiceUnavailable) as err:
+        # Bad input, or a tracking server that does not answer: one line, exit 2.
         print(f"caat-sweep {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

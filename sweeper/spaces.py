@@ -56,6 +56,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sweeper.contract import SELECTION_METRICS
 from trainables.config import (
     MethodConfig,
     OptimConfig,
@@ -68,10 +69,6 @@ from trainables.config import (
 from trainables.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-# The metrics a sweep may select on: validation split only (test is for reporting).
-SELECTION_METRICS = ("val_robust_acc", "val_natural_acc", "val_worst_class_robust_acc",
-                     "val_worst_class_natural_acc", "val_class_natural_acc_std",
-                     "val_boundary_error")
 ALL_METHODS = "all"
 # Keys a space may search or fix per method: the method's knobs and the optimiser's.
 SEARCHABLE_SECTIONS = {"method": MethodConfig, "optim": OptimConfig}

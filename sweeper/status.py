@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
 
+from sweeper._write_queue import pending_count
+from sweeper.contract import RUN_STATES, check_reachable, run_state, trial_runs
 from sweeper.spaces import parse_space
 from sweeper.storage import Manifest
-from sweeper.tracking import Tracker, pending_writes
 
-COUNTS = ("completed", "running", "pruned", "failed", "interrupted")
+# The table's columns: RUN_STATES with `completed` and `running` first (done and under way).
+COUNTS = tuple(sorted(RUN_STATES, key=("completed", "running").__contains__, reverse=True))
 
 
 @dataclass
@@ -47,25 +48,18 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
     sel = plan.space.selection
     rows = {(c.id, phase): CellRow(c.id, phase) for c in plan.cells
             for phase in ("tune", "confirm")}
-    tracker = Tracker(manifest.tracking_uri, manifest.name)
-    tracker.check_reachable()  # one line now, not minutes of client retries
-    for run in tracker.trial_runs():
+    check_reachable(manifest.tracking_uri)  # one line now, not minutes of client retries
+    for run in trial_runs(manifest.tracking_uri, manifest.name):
         tags = run.data.tags
         row = rows.setdefault((tags.get("cell"), tags.get("phase")),
                               CellRow(tags.get("cell", "?"), tags.get("phase", "?")))
-        row.counts[_outcome(run)] += 1
+        row.counts[run_state(run.info.status, tags.get("outcome"))] += 1
         value = run.data.metrics.get(sel.metric)
         if tags.get("outcome") == "completed" and value is not None and not math.isnan(value):
             row.values.append(value)
     return SweepStatus(manifest.name, manifest.state, manifest.sweep_dir,
                        manifest.tracking_uri, sel.metric, sel.mode, list(rows.values()),
-                       pending=pending_writes(manifest.sweep_dir, manifest.name))
-
-
-def _outcome(run: Any) -> str:
-    if run.info.status == "RUNNING":
-        return "running"
-    return run.data.tags.get("outcome") or "interrupted"
+                       pending=pending_count(manifest.sweep_dir, manifest.name))
 
 
 def format_status(s: SweepStatus) -> str:

@@ -1,50 +1,20 @@
 """MLflow tracking of sweeps: one parent run per sweep, one idempotent child run per trial.
 
-The schema below is a contract (`sweeper.analysis` and users' scripts read it):
+What the runs hold (experiment, tags, params, metrics, artifacts, statuses) is the contract
+in `sweeper.contract`; this module writes it, from the driver: `Tracker` (reads and writes
+one sweep's experiment) and `TrackingCallback` (Ray Tune's trials -> MLflow). It re-exports
+`resolve_tracking_uri`, `QUEUE_FILE` and `CLASSWISE_KEYS`, which callers import from here.
 
-- Experiment `caat-sweep/<sweep name>`. Only the driver writes (a Ray Tune `Callback`
-  running in the driver process), never trial workers: SQLite has one writer, and the
-  driver sees every trial's results, errors and restarts.
-- One parent run: run name = sweep name; tags `sweep`=<name>, `role`=`parent`,
-  `metric`=<selection metric>, `mode`=`max`|`min`; artifact `space.yaml` (the space file
-  as launched).
-- One child run per Ray trial (tuning and confirmation), nested under the parent
-  (`mlflow.parentRunId`); run name = trial id; tags `sweep`, `role`=`trial`, `trial_id`,
-  `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`), `scenario`,
-  `method`, `seed`, `phase` (`tune` | `confirm`), `outcome` (`completed` | `pruned` |
-  `failed`, set when the trial ends) and, for failed trials, `error` (one line); `retries`
-  when Ray Tune restarted the trial from its checkpoint after a failure; `restore` when a
-  resume found the trial's recorded checkpoint missing or corrupt and continued from an
-  intact one or from scratch (`sweeper/restore.py`), with `error` naming the corrupt file.
-- Params: the flattened resolved trial config (dotted keys such as `scenario.noise_rate`,
-  `method.eps`, from `TrialConfig.resolved()` + `trainables.config.flatten`), logged once.
-- Metrics: the per-epoch scalars `run_trial` reports (`train_loss`, `train_samples_per_s`,
-  `frac_anti` when present, `val_*` / `test_*` as named in DESIGN.md) with step = epoch;
-  none of Ray's bookkeeping keys. An epoch is logged once even when a trial re-runs it
-  after a restore.
-- Artifact `classwise.json`: the last reported class-wise lists
-  {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
-  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, and for CAAT the
-  training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
-  (last epoch) and their histories `train_class_frac_anti_by_epoch`,
-  `train_class_mean_eps_by_epoch` (one list per epoch).
-- Status FINISHED for completed and pruned trials, FAILED for failed ones. When a sweep
-  (or a resume) ends, no run is left RUNNING: unfinished trials (an interrupted driver) are
-  marked KILLED until a resume reopens them. A resumed driver finds each trial's run again
-  by its `trial_id` tag; runs of trials started after the experiment's last saved state
-  (Ray re-runs those under new ids) are deleted, so runs = trials.
-- The tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else
-  `sqlite:///mlflow.db` (`resolve_tracking_uri`, shared by every command).
-- A tracking server that goes away does not stop the sweep: the callback's writes (run
-  creation, epochs, tags, outcomes, the end-of-session clean-up and the parent's end status)
-  are idempotent operations sent through a queue (`sweeper._write_queue`). While the server
-  does not answer they queue, and the Tune loop waits for at most one short request per
-  back-off (5-60 s); they are sent in order when it answers again, or at the end. What is
-  still unsent when the driver ends is kept in `<storage>/<sweep>/tracking_queue.json`
-  (the sweep exits 0 and says so); `caat-sweep sync NAME` sends it, and `caat-sweep resume`
-  does first. Until then those runs may show RUNNING or miss epochs. Replays duplicate
-  nothing: a run is found by its `trial_id` tag before one is created, and an epoch at or
-  below the run's last logged step is skipped.
+A tracking server that goes away does not stop the sweep: the callback's writes (run
+creation, epochs, tags, outcomes, the end-of-session clean-up and the parent's end status)
+are idempotent operations sent through a queue (`sweeper._write_queue`). While the server
+does not answer they queue, and the Tune loop waits for at most one short request per
+back-off (5-60 s); they are sent in order when it answers again, or at the end. What is
+still unsent when the driver ends is kept in `<storage>/<sweep>/tracking_queue.json` (the
+sweep exits 0 and says so); `caat-sweep sync NAME` sends it, and `caat-sweep resume` does
+first. Until then those runs may show RUNNING or miss epochs. Replays duplicate nothing: a
+run is found by its `trial_id` tag before one is created, and an epoch at or below the run's
+last logged step is skipped.
 
 Why not Ray's `MLflowLoggerCallback`: it has no parent run, no lookup by trial id after a
 driver crash (a resumed sweep would duplicate runs), logs Ray's bookkeeping as metrics and
@@ -63,27 +33,19 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from sweeper import _write_queue as wq
+from sweeper import contract
 from sweeper import storage as st
-from sweeper._tracking_uri import (  # noqa: F401
-    DEFAULT_TRACKING_URI,
-    open_client,
-    resolve_tracking_uri,
-)
-from sweeper._write_queue import QUEUE_FILE, pending_path  # noqa: F401
+from sweeper._write_queue import QUEUE_FILE as QUEUE_FILE  # re-exported
+from sweeper._write_queue import pending_path
+from sweeper.contract import CLASSWISE_KEYS, PARENT_TAG, TRIAL_TAGS, experiment_name, open_client
+from sweeper.contract import resolve_tracking_uri as resolve_tracking_uri  # re-exported
 from sweeper.restore import choose_fallback
 from trainables.errors import ConfigError
-from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from ray.tune.experiment import Trial
 
-EXPERIMENT_PREFIX = "caat-sweep/"
-PARENT_TAG = "mlflow.parentRunId"
-OUTCOMES = ("completed", "pruned", "failed")
-CLASSWISE_KEYS = ("val_class_natural_acc", "val_class_robust_acc", "test_class_natural_acc",
-                  "test_class_robust_acc", *CLASSWISE_DIAGNOSTICS,
-                  *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
 # Keys Ray Tune adds to every result; they are not trial metrics.
 RAY_KEYS = frozenset({
     "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore",
@@ -93,10 +55,6 @@ RAY_KEYS = frozenset({
 })
 # MLflow's limits per log_batch request.
 MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
-
-
-def experiment_name(sweep: str) -> str:
-    return EXPERIMENT_PREFIX + sweep
 
 
 def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
@@ -136,24 +94,10 @@ class Tracker:
 
     def check_reachable(self) -> None:
         """Fail with one line (exit 2) when the tracking server cannot be used."""
-        if not self.tracking_uri.startswith(("http://", "https://")):
-            return
-        import urllib.request
-
-        url = self.tracking_uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                resp.read()
-        except Exception as err:
-            raise ConfigError(f"--tracking-uri: cannot reach {self.tracking_uri} "
-                              f"({one_line(err, 200)})") from None
+        contract.check_reachable(self.tracking_uri)
 
     def store_exists(self) -> bool:
-        """False for a SQLite file not created yet (opening it would create it)."""
-        prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix):
-            return Path(self.tracking_uri[len(prefix):]).is_file()
-        return True
+        return contract.store_exists(self.tracking_uri)
 
     def experiment_id(self, create: bool = False) -> str | None:
         if not create and not self.store_exists():
@@ -175,7 +119,7 @@ class Tracker:
 
     def start_parent(self, metric: str, mode: str, space_text: str) -> str:
         exp = self.experiment_id(create=True)
-        found = self.client.search_runs([exp], "tags.role = 'parent'", max_results=1)
+        found = self.client.search_runs([exp], contract.PARENT_FILTER, max_results=1)
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -234,20 +178,11 @@ class Tracker:
         self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
 
     def trial_runs(self, include_deleted: bool = False) -> list:
-        from mlflow.entities import ViewType
-
         exp = self.experiment_id()
         if exp is None:
             return []
-        view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([exp], "tags.role = 'trial'", run_view_type=view,
-                                           max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return contract.search_all_runs(self.client, exp, contract.TRIAL_FILTER,
+                                        include_deleted=include_deleted)
 
     def reconcile(self, known: Mapping[str, str]) -> None:
         """End of a driver session: delete runs of trials Ray does not know (started after
@@ -420,7 +355,7 @@ def pending_writes(sweep_dir: str, sweep: str) -> int:
 
 
 def _tags(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in ("cell", "scenario", "method", "seed", "phase")}
+    return {k: entry[k] for k in TRIAL_TAGS}
 
 
 def trial_params(config: Mapping[str, Any], sweep_key: str) -> dict[str, Any]:

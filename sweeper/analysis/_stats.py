@@ -1,0 +1,165 @@
+"""Pure pandas on the runs table: coverage, the runs that count, seed aggregates, paired
+tests against the reference, Pareto fronts, best flags. Only finished runs count: pruned and
+failed trials never enter a table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sweeper.analysis._model import LOWER_IS_BETTER, METRICS, REFERENCE
+from sweeper.contract import RUN_STATES, run_state
+
+
+def coverage(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per cell: how many trials completed, were pruned, failed, are running or interrupted
+    (`sweeper.contract.run_state`)."""
+    state = pd.Series([run_state(status, outcome) for status, outcome
+                       in zip(runs["status"], runs["outcome"], strict=True)],
+                      index=runs.index, name="state")
+    table = pd.crosstab(runs["cell"], state)
+    for column in RUN_STATES:
+        if column not in table:
+            table[column] = 0
+    return table[list(RUN_STATES)]
+
+
+def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFrame:
+    """The runs that count, with a `source` column: `confirm` or `best tune`.
+
+    Per cell: its completed confirmation runs when there are any (aggregated over seeds);
+    otherwise the single completed tuning run with the best final `metric` (n = 1).
+    Pruned, failed and running trials never count.
+    """
+    done = runs[runs["outcome"].eq("completed")]
+    picked = []
+    for _cell, group in done.groupby("cell", sort=True):
+        confirm = group[group["phase"].eq("confirm")]
+        if len(confirm):
+            picked.append(confirm.assign(source="confirm"))
+            continue
+        tune = group[group["phase"].eq("tune")]
+        if metric not in tune:
+            continue
+        tune = tune[np.isfinite(pd.to_numeric(tune[metric], errors="coerce"))]
+        if not len(tune):
+            continue
+        # Ties go to the earlier trial id, so the pick does not depend on MLflow's order.
+        tune = tune.sort_values([metric, "trial_id"], ascending=[mode == "min", True])
+        picked.append(tune.iloc[[0]].assign(source="best tune"))
+    if not picked:
+        return runs.iloc[0:0].assign(source=pd.Series(dtype=object))
+    return pd.concat(picked, ignore_index=True)
+
+
+def aggregate(selected: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Mean, sample std (NaN for n = 1) and n over a cell's selected runs, per metric."""
+    rows = []
+    for (scenario, method), group in selected.groupby(["scenario", "method"], sort=False):
+        for metric in metrics:
+            values = pd.to_numeric(group.get(metric), errors="coerce").dropna().to_numpy(float)
+            n = len(values)
+            rows.append({
+                "scenario": scenario, "method": method, "metric": metric,
+                "mean": float(values.mean()) if n else math.nan,
+                "std": float(values.std(ddof=1)) if n >= 2 else math.nan,
+                "n": n, "source": group["source"].iloc[0],
+            })
+    return pd.DataFrame(rows, columns=["scenario", "method", "metric", "mean", "std", "n",
+                                       "source"])
+
+
+def paired_test(values: pd.Series, reference: pd.Series) -> dict[str, Any]:
+    """Paired t-test of values - reference over the seeds both have (index = seed)."""
+    from scipy import stats
+
+    pairs = pd.concat([values.rename("a"), reference.rename("b")], axis=1).dropna()
+    n = len(pairs)
+    out: dict[str, Any] = {"n_pairs": n, "mean_diff": math.nan, "t": math.nan, "p": math.nan,
+                           "note": ""}
+    if n:
+        out["mean_diff"] = float((pairs["a"] - pairs["b"]).mean())
+    if n < 2:
+        out["note"] = f"paired test needs >= 2 seeds run by both methods, have {n}"
+        return out
+    diff = (pairs["a"] - pairs["b"]).to_numpy(float)
+    # Identical differences on every seed leave t undefined (0/0, or x/0 = inf with a
+    # precision warning from scipy); report that instead of an infinite t.
+    if diff.std(ddof=1) <= 1e-12 * max(1.0, abs(diff.mean())):
+        out["note"] = "differences identical on every seed: t undefined"
+        return out
+    res = stats.ttest_rel(pairs["a"].to_numpy(float), pairs["b"].to_numpy(float))
+    out["t"], out["p"] = float(res.statistic), float(res.pvalue)
+    return out
+
+
+def paired_tests(selected: pd.DataFrame, reference: str = REFERENCE,
+                 metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """Each method minus the reference in the same scenario, paired by seed, per metric."""
+    rows = []
+    for scenario, group in selected.groupby("scenario", sort=False):
+        ref = group[group["method"].eq(reference)]
+        for method, runs in group.groupby("method", sort=False):
+            if method == reference:
+                continue
+            for metric in metrics:
+                empty = {"n_pairs": 0, "mean_diff": math.nan, "t": math.nan, "p": math.nan}
+                if not len(ref):
+                    res = {**empty, "note": f"no {reference} runs in this scenario"}
+                elif "best tune" in set(runs["source"]) | set(ref["source"]):
+                    # A best tuning run's seed is whatever the search drew: pairing it with
+                    # another cell's best run by seed would be an invented comparison.
+                    res = {**empty, "note": "no confirmation runs (one best tuning run per "
+                                            "cell): paired test not applicable"}
+                else:
+                    res = paired_test(_by_seed(runs, metric), _by_seed(ref, metric))
+                rows.append({"scenario": scenario, "method": method, "metric": metric, **res})
+    return pd.DataFrame(rows, columns=["scenario", "method", "metric", "mean_diff", "t", "p",
+                                       "n_pairs", "note"])
+
+
+def _by_seed(runs: pd.DataFrame, metric: str) -> pd.Series:
+    values = pd.to_numeric(runs.get(metric), errors="coerce")
+    series = pd.Series(values.to_numpy(float), index=runs["seed"].to_numpy())
+    # Two runs with the same seed in one cell would make the pairing ambiguous; keep the last.
+    return series[~series.index.duplicated(keep="last")]
+
+
+def pareto_front(points: pd.DataFrame, x: str = "natural", y: str = "robust") -> pd.Series:
+    """True for points no other point dominates (>= on both and > on one), within one set."""
+    xs, ys = points[x].to_numpy(float), points[y].to_numpy(float)
+    on_front = []
+    for i in range(len(points)):
+        dominated = np.any((xs >= xs[i]) & (ys >= ys[i]) & ((xs > xs[i]) | (ys > ys[i])))
+        on_front.append(bool(np.isfinite(xs[i]) and np.isfinite(ys[i]) and not dominated))
+    return pd.Series(on_front, index=points.index, name="pareto")
+
+
+def pareto_by_scenario(agg: pd.DataFrame) -> pd.DataFrame:
+    """(scenario, method) -> natural, robust means and whether it is on the scenario's front."""
+    wide = agg.pivot_table(index=["scenario", "method"], columns="metric", values="mean",
+                           dropna=False).reset_index()
+    wide = wide.rename(columns={"test_natural_acc": "natural", "test_robust_acc": "robust"})
+    for column in ("natural", "robust"):
+        if column not in wide:
+            wide[column] = math.nan
+    wide["pareto"] = False
+    for _scenario, group in wide.groupby("scenario", sort=False):
+        wide.loc[group.index, "pareto"] = pareto_front(group)
+    return wide[["scenario", "method", "natural", "robust", "pareto"]]
+
+
+def best_flags(agg: pd.DataFrame) -> pd.Series:
+    """True where a mean is the best of its scenario and metric (all ties marked)."""
+    flags = pd.Series(False, index=agg.index, name="best")
+    for (_scenario, metric), group in agg.groupby(["scenario", "metric"], sort=False):
+        means = group["mean"].dropna()
+        if not len(means):
+            continue
+        target = means.min() if metric in LOWER_IS_BETTER else means.max()
+        flags.loc[means.index[means == target]] = True
+    return flags

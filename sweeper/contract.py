@@ -1,0 +1,214 @@
+"""The MLflow contract of a sweep: which store, which experiment, which tags and metrics, and
+what a run's state is. Every command and script that reads or writes a sweep's runs takes
+these from here, so they cannot drift apart. No Ray and no torch (not even through another
+module): `caat-sweep status`, `analyze`, `ui` and users' scripts import it on any machine;
+mlflow is imported only where a client is opened.
+
+The schema (`sweeper.tracking` writes it, `sweeper.analysis`, `sweeper.status` and users'
+scripts read it):
+
+- Experiment `caat-sweep/<sweep name>` (`experiment_name`). Only the driver writes (a Ray Tune
+  `Callback` running in the driver process), never trial workers: SQLite has one writer, and
+  the driver sees every trial's results, errors and restarts.
+- One parent run: run name = sweep name; tags `sweep`=<name>, `role`=`parent`,
+  `metric`=<selection metric>, `mode`=`max`|`min`; artifact `space.yaml` (the space file
+  as launched).
+- One child run per Ray trial (tuning and confirmation), nested under the parent
+  (`PARENT_TAG`); run name = trial id; tags `sweep`, `role`=`trial`, `trial_id`, the sweep
+  entry's `TRIAL_TAGS`: `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`),
+  `scenario`, `method`, `seed`, `phase` (`tune` | `confirm`); `outcome` (`OUTCOMES`, set when
+  the trial ends) and, for failed trials, `error` (one line); `retries` when Ray Tune
+  restarted the trial from its checkpoint after a failure; `restore` when a resume found the
+  trial's recorded checkpoint missing or corrupt and continued from an intact one or from
+  scratch (`sweeper/restore.py`), with `error` naming the corrupt file.
+- Params: the flattened resolved trial config (dotted keys such as `scenario.noise_rate`,
+  `method.eps`, from `TrialConfig.resolved()` + `trainables.config.flatten`), logged once.
+- Metrics: the per-epoch scalars `run_trial` reports (`train_loss`, `train_samples_per_s`,
+  `frac_anti` when present, `val_*` / `test_*` as named in DESIGN.md) with step = epoch;
+  none of Ray's bookkeeping keys. An epoch is logged once even when a trial re-runs it
+  after a restore.
+- Artifact `classwise.json` (`CLASSWISE_KEYS`): the last reported class-wise lists
+  {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
+  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, and for CAAT the
+  training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
+  (last epoch) and their histories `train_class_frac_anti_by_epoch`,
+  `train_class_mean_eps_by_epoch` (one list per epoch).
+- Status FINISHED for completed and pruned trials, FAILED for failed ones. When a sweep
+  (or a resume) ends, no run is left RUNNING: unfinished trials (an interrupted driver) are
+  marked KILLED until a resume reopens them. A resumed driver finds each trial's run again
+  by its `trial_id` tag; runs of trials started after the experiment's last saved state
+  (Ray re-runs those under new ids) are deleted, so runs = trials. `run_state` reads a
+  run's status and outcome back as one of `RUN_STATES`.
+- The tracking URI: `--tracking-uri`, else `$MLFLOW_TRACKING_URI`, else
+  `sqlite:///mlflow.db` (`resolve_tracking_uri`, shared by every command).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainables.errors import ServiceUnavailable
+from trainables.metric_names import (
+    CLASSWISE_DIAGNOSTICS,
+    CLASSWISE_METRICS,
+    EVAL_SPLITS,
+    SCALAR_METRICS,
+    split_metrics,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# ------------------------------------------------------------------------------- the store
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+SQLITE = "sqlite:///"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """`uri` (the --tracking-uri flag), else $MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+    `sqlite:///relative.db` becomes absolute, so resume and status work from any directory,
+    and a bare path to an existing file (what people type) a SQLite URI."""
+    uri = uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(Path(uri[len(SQLITE):]).expanduser().resolve())
+    if "://" not in uri and Path(uri).expanduser().is_file():
+        return SQLITE + str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The file of a SQLite store; None for any other store."""
+    return Path(tracking_uri[len(SQLITE):]) if tracking_uri.startswith(SQLITE) else None
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite file not created yet (opening it would create it)."""
+    path = sqlite_path(tracking_uri)
+    return path is None or path.is_file()
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Ask a tracking server once, briefly (MLflow's client retries a dead one for minutes).
+    ServiceUnavailable, one line, when it does not answer; nothing to ask of a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10) as resp:
+            resp.read()
+    except Exception as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ServiceUnavailable(f"--tracking-uri: cannot reach {tracking_uri} ({reason})"
+                                 ) from None
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready. Two processes that open a fresh SQLite file at
+    once both create MLflow's tables and break it for good (alembic's temporary tables
+    collide): the first creates them while holding a lock on the file's directory, the
+    others wait, then find them made."""
+    from mlflow import MlflowClient
+
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    import fcntl
+
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)  # the store is open: its tables exist
+    finally:
+        os.close(fd)  # releases the lock
+    return client
+
+
+# --------------------------------------------------------------------- experiments and runs
+
+EXPERIMENT_PREFIX = "caat-sweep/"
+PARENT_TAG = "mlflow.parentRunId"
+# A trial run's tags taken from its sweep entry (besides `sweep`, `role` and `trial_id`).
+TRIAL_TAGS = ("cell", "scenario", "method", "seed", "phase")
+PARENT_FILTER = "tags.role = 'parent'"
+TRIAL_FILTER = "tags.role = 'trial'"
+
+
+def experiment_name(sweep: str) -> str:
+    return EXPERIMENT_PREFIX + sweep
+
+
+def search_all_runs(client: Any, experiment_id: str, filter_string: str = "", *,
+                    include_deleted: bool = False) -> list[Any]:
+    """Every run of an experiment that matches `filter_string`, page by page."""
+    from mlflow.entities import ViewType
+
+    view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, run_view_type=view,
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def trial_runs(tracking_uri: str, sweep: str) -> list[Any]:
+    """A sweep's trial runs; none while its store or experiment does not exist (reading
+    never creates either)."""
+    if not store_exists(tracking_uri):
+        return []
+    client = open_client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name(sweep))
+    return [] if exp is None else search_all_runs(client, exp.experiment_id, TRIAL_FILTER)
+
+
+# ------------------------------------------------------------------------------ run states
+
+# The `outcome` tag the driver sets when a trial ends.
+OUTCOMES = ("completed", "pruned", "failed")
+# What `run_state` calls a trial run, in the order tables list them.
+RUN_STATES = (*OUTCOMES, "running", "interrupted")
+# A run's MLflow status when it has no outcome tag (an unknown tag counts as none).
+_STATE_WITHOUT_OUTCOME = {"RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed",
+                          "KILLED": "interrupted", "FINISHED": "interrupted"}
+
+
+def run_state(status: str | None, outcome: Any) -> str:
+    """One of RUN_STATES, from a trial run's MLflow status and its `outcome` tag.
+
+    The outcome tag wins: the driver sets it only once the trial has ended, before the end
+    status (one queued write, replayed whole), and an epoch a resumed trial re-runs is never
+    logged again, so a RUNNING run that already has one carries its final result. Without
+    one: RUNNING is running; KILLED is a trial an interrupted driver left behind (a resume
+    reopens it), FINISHED an ending nobody recorded: both interrupted. FAILED without an
+    outcome is nothing the driver writes (it tags first); another writer said it failed, and
+    no resume reopens a run for its MLflow status: failed."""
+    if outcome in OUTCOMES:
+        return outcome
+    return _STATE_WITHOUT_OUTCOME.get(status or "", "running")
+
+
+# --------------------------------------------------------------------------------- metrics
+
+DEFAULT_SELECTION_METRIC = "val_robust_acc"
+# The metrics a sweep may select on: the validation split's scalars (test is for reporting),
+# each robust one before its natural one (the default first: errors list them in this order).
+SELECTION_METRICS = split_metrics("val", tuple(sorted(
+    SCALAR_METRICS, key=lambda m: (SCALAR_METRICS.index(m.replace("robust", "natural")),
+                                   "robust" not in m))))
+# The test-split scalars the analysis reports per scenario x method, in table order.
+REPORT_METRICS = split_metrics("test")
+# The lists in a trial run's classwise.json artifact.
+CLASSWISE_KEYS = (*(m for split in EVAL_SPLITS for m in split_metrics(split, CLASSWISE_METRICS)),
+                  *CLASSWISE_DIAGNOSTICS, *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
