@@ -151,6 +151,7 @@ def test_end_of_session_deletes_unknown_trials_and_closes_running_runs(tmp_path)
     assert Tracker(uri, "t").trial_runs()[0].info.status == "RUNNING"
 
 
+@pytest.mark.slow  # `mlflow server` takes ~25 s to start on two cores
 def test_sweep_against_a_real_mlflow_server(ray_local, tmp_path):
     port = free_port()
     server = subprocess.Popen(
@@ -193,6 +194,7 @@ def _listening(port: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # `caat-sweep ui` (an MLflow server) takes ~25 s to start on two cores
 def test_ui_serves_on_localhost_only(tmp_path):
     port = free_port()
     ui = subprocess.Popen([*CLI, "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",

@@ -2,7 +2,6 @@
 headless Chromium (Debian's `chromium`, installed by `make test`) by the same script that
 takes README's screenshot; the experiment, the parent run and every trial run must appear."""
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,11 @@ from pathlib import Path
 import pytest
 from analysis_store import SCENARIOS, StoreWriter
 
-from sweeper.cli import build_parser
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "ui_screenshot.py"
 
 sys.path.insert(0, str(SCRIPT.parent))
 from ui_screenshot import find_browser  # noqa: E402
-
-
-def has_ui_command() -> bool:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "ui" in sub.choices
-
 
 pytestmark = [
     # The MLflow server alone takes ~25 s to start on two cores; the generous waits (they end
@@ -30,7 +21,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(find_browser() is None,
                        reason="no chromium: `make test` installs it (apt-get install chromium)"),
-    pytest.mark.skipif(not has_ui_command(), reason="`caat-sweep ui` is not in the CLI yet"),
 ]
 
 
