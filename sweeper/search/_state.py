@@ -53,7 +53,7 @@ class SearchState:
                "study_numbers": self.study_numbers, "studies": self.studies,
                **{k: {c: base64.b64encode(b).decode() for c, b in v.items()}
                   for k, v in blobs.items()}}
-        return json.dumps(doc).encode()
+        return json.dumps(doc, default=_plain).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str,
@@ -80,6 +80,13 @@ class SearchState:
     @classmethod
     def from_disk(cls, path: str, cells: list[str] | None = None) -> SearchState:
         return cls.from_bytes(Path(path).read_bytes(), path, cells)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar a result may carry, as the Python number it stands for."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"search state: cannot save {type(value).__name__} {value!r}")
 
 
 def _document(data: bytes, source: str) -> dict[str, Any]:
