@@ -30,6 +30,7 @@ from sweeper import search
 from sweeper import storage as st
 from sweeper.cli import main
 from sweeper.lock import Holder, SweepLock, lock_path
+from sweeper.search import _driver
 from sweeper.tracking import Tracker
 from trainables.errors import ConfigError
 
@@ -88,7 +89,7 @@ def test_a_lock_held_on_another_host_names_the_file_to_delete(tmp_path):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any of these refusals must come before Ray starts (and before anything is written)."""
-    monkeypatch.setattr(search, "_init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(_driver, "_init_ray", lambda *a, **k: pytest.fail("Ray was started"))
 
 
 @pytest.mark.parametrize("storage, expected", [
@@ -123,7 +124,7 @@ def test_an_oversized_space_is_refused_unless_forced(tmp_path, capsys, no_ray, m
             "max_trials (10000)") in _one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
     # --force lets it through to the run itself (replaced here: it would never end).
-    monkeypatch.setattr(search, "_launch", lambda *a, **k: 0)
+    monkeypatch.setattr(_driver, "_launch", lambda *a, **k: 0)
     assert main([*argv, "--force"]) == 0
     space = write_space(tmp_path / "space.yaml",
                         tiny_space(trials_per_cell=100, max_trials=100))

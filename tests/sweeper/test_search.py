@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from sweeper.search import (
     CellScheduler,
     CellSearcher,
     FailRule,
+    SearchState,
     load_search_state,
     parse_fault_rules,
     study_trials,
@@ -107,11 +109,38 @@ def test_searcher_state_round_trips_with_studies_and_asha_rungs(tmp_path):
     restored.restore(str(tmp_path / "state.pkl"))
     assert [t.state.name for t in restored.studies()[CELL_ERM].trials] == ["COMPLETE",
                                                                             "RUNNING"]
-    rungs = scheduler2.get_state()[CELL_ERM]["_brackets"][0]._rungs
-    assert {"t1": 0.4} in [recorded for _, recorded in rungs]
+    # The ASHA rungs came back: t3 (ERM) below t1's 0.4 at epoch 1 stops, as it would have
+    # in the original; a scheduler that knows nothing of t1 lets it go on.
+    fresh = CellScheduler(plan)
+    fresh.on_trial_add(None, trials["t3"])
+    assert fresh.on_trial_result(None, trials["t3"], _result(1, 0.1)) == fresh.CONTINUE
+    for s in (scheduler, scheduler2):
+        assert s.on_trial_result(None, trials["t3"], _result(1, 0.1)) == s.STOP
     # It goes on where it stopped: t4 is the last tuning trial (trades), then waits.
     assert restored.suggest("t4")[SWEEP_KEY]["cell"] == CELL_TRADES
     assert restored.suggest("t5") is None
+
+
+def test_searcher_state_refuses_another_sweeps_or_an_older_format(tmp_path):
+    plan = parse_space(tiny_space())
+    searcher = CellSearcher(plan, CellScheduler(plan))
+    searcher.suggest("t1")
+    searcher.save(str(tmp_path / "state.pkl"))
+    other = parse_space(tiny_space(methods=["erm"]) | {"search": {}})
+    with pytest.raises(ConfigError, match=r"state.pkl: the search state's cells do not match "
+                                          r"the sweep's \(not in the sweep: .*/trades\)"):
+        CellSearcher(other).restore(str(tmp_path / "state.pkl"))
+    state = SearchState.from_disk(str(tmp_path / "state.pkl"))
+    state.version = 99
+    state.to_disk(str(tmp_path / "future.pkl"))
+    with pytest.raises(ConfigError, match="future.pkl: search state format version 99; this "
+                                          "caat-sweeper reads version 1"):
+        CellSearcher(plan).restore(str(tmp_path / "future.pkl"))
+    (tmp_path / "old.pkl").write_bytes(pickle.dumps({"trials": {}, "subs": {}, "scheduler": None}))
+    with pytest.raises(ConfigError, match="old.pkl: this sweep was saved by an older "
+                                          "caat-sweeper; finish it with that version or start "
+                                          "a new sweep"):
+        CellSearcher(plan).restore(str(tmp_path / "old.pkl"))
 
 
 # ---------------------------------------------------------------------- the scheduler
@@ -278,11 +307,11 @@ def test_confirmation_reruns_each_cells_best_config(tiny_sweep):
         tuned = [r for r in by_id.values() if r.data.tags["cell"] == cell
                  and r.data.tags["phase"] == "tune" and r.data.tags["outcome"] == "completed"]
         best_value = max(r.data.metrics["val_robust_acc"] for r in tuned)
-        confirms = [t for t, rec in state["trials"].items()
+        confirms = [t for t, rec in state.trials.items()
                     if rec["cell"] == cell and rec["phase"] == "confirm"]
         assert len(confirms) == 2
         for t in confirms:
-            best = by_id[state["trials"][t]["tuned_by"]]  # ties: the earliest trial
+            best = by_id[state.trials[t]["tuned_by"]]  # ties: the earliest trial
             assert best.data.metrics["val_robust_acc"] == best_value
             assert best.data.tags["outcome"] == "completed" and best.data.tags["cell"] == cell
             for key in ("optim.lr", "method.beta", "method.steps"):
