@@ -2,8 +2,7 @@
 
 What the runs hold (experiment, tags, params, metrics, artifacts, statuses) is the contract
 in `sweeper.contract`; this module writes it, from the driver: `Tracker` (reads and writes
-one sweep's experiment) and `TrackingCallback` (Ray Tune's trials -> MLflow). It re-exports
-`resolve_tracking_uri`, `QUEUE_FILE` and `CLASSWISE_KEYS`, which callers import from here.
+one sweep's experiment) and `TrackingCallback` (Ray Tune's trials -> MLflow).
 
 A tracking server that goes away does not stop the sweep: the callback's writes (run
 creation, epochs, tags, outcomes, the end-of-session clean-up and the parent's end status)
@@ -35,10 +34,8 @@ from ray.tune import Callback
 from sweeper import _write_queue as wq
 from sweeper import contract
 from sweeper import storage as st
-from sweeper._write_queue import QUEUE_FILE as QUEUE_FILE  # re-exported
 from sweeper._write_queue import pending_path
 from sweeper.contract import CLASSWISE_KEYS, PARENT_TAG, TRIAL_TAGS, experiment_name, open_client
-from sweeper.contract import resolve_tracking_uri as resolve_tracking_uri  # re-exported
 from sweeper.restore import choose_fallback
 from trainables.errors import ConfigError
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sweeper import storage as st
 from sweeper import tracking
+from sweeper.contract import resolve_tracking_uri
 from sweeper.lock import SweepLock
 from sweeper.restore import quiet_deleted_checkpoints, resilient
 from sweeper.search._faults import FAULT_ENV, FailRule, parse_fault_rules
@@ -19,7 +20,7 @@ from sweeper.search._state import load_search_state
 from sweeper.search._trainable import sweep_trial, trial_name
 from sweeper.signals import StopSignals
 from sweeper.spaces import SweepPlan, parse_space
-from sweeper.tracking import Tracker, TrackingCallback, resolve_tracking_uri
+from sweeper.tracking import Tracker, TrackingCallback
 from trainables.errors import ConfigError
 
 

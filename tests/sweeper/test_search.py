@@ -13,6 +13,7 @@ import pytest
 from sweep_support import tiny_space, write_space
 
 from sweeper.cli import main
+from sweeper.contract import CLASSWISE_KEYS
 from sweeper.search import (
     SWEEP_KEY,
     CellScheduler,
@@ -25,7 +26,7 @@ from sweeper.search import (
 )
 from sweeper.spaces import parse_space
 from sweeper.storage import check_shared
-from sweeper.tracking import CLASSWISE_KEYS, Tracker
+from sweeper.tracking import Tracker
 from trainables.config import flatten, validate
 from trainables.errors import ConfigError
 

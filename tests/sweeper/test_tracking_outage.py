@@ -24,7 +24,8 @@ from sweep_support import (
     write_space,
 )
 
-from sweeper.tracking import QUEUE_FILE, Tracker
+from sweeper._write_queue import QUEUE_FILE
+from sweeper.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
