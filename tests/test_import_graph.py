@@ -157,6 +157,7 @@ def test_config_loads_and_validates_without_torch():
         from trainables.config import load_config
         from trainables.errors import ConfigError
 
+        assert load_config().resolved()["dataset"]["name"] == "fashion_mnist"
         cfg = load_config({"method": {"name": "caat"}, "model": {"arch": "mlp"}})
         assert cfg.resolved()["method"]["name"] == "caat"
         for raw in ({"method": {"name": "sgd"}}, {"dataset": {"name": "mnist"}},

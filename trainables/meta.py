@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from trainables.registry import unknown_name
+
 Params = dict[str, torch.Tensor]
 
 
@@ -63,7 +65,7 @@ class MetaNet(nn.Module):
                  norm: str = "batch") -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm: unknown '{norm}'; allowed: {', '.join(NORMS)}")
+            raise ValueError(unknown_name("norm", norm, list(NORMS)))
         self.norm = norm
         layers: list[nn.Module] = {"running": [RunningStandardize(in_features)],
                                    "batch": [nn.BatchNorm1d(in_features)], "none": []}[norm]

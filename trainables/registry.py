@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trainables.data import DatasetSplits
+    from trainables.methods.base import Method
 
 T = TypeVar("T")
 
@@ -68,7 +74,8 @@ class Registry(Generic[T]):
 
 
 # The built-in entries. A new dataset, model or method is one line here.
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset.name", {
+# loader(cfg: DatasetConfig, seed: int) -> DatasetSplits
+DATASETS: Registry[Callable[..., DatasetSplits]] = Registry("dataset.name", {
     "fashion_mnist": "trainables.data:load_fashion_mnist",
     "cifar10": "trainables.data:load_cifar10",
     "cifar100": "trainables.data:load_cifar100",
@@ -76,7 +83,8 @@ DATASETS: Registry[Callable[..., Any]] = Registry("dataset.name", {
     "synthetic": "trainables.synthetic_data:load_synthetic",
 })
 
-MODELS: Registry[Callable[..., Any]] = Registry("model.arch", {
+# factory(num_classes, in_channels, input_shape) -> the bare network
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model.arch", {
     "linear": "trainables.models:_linear",
     "mlp": "trainables.models:_mlp",
     "small_cnn": "trainables.models:_small_cnn",
@@ -85,7 +93,7 @@ MODELS: Registry[Callable[..., Any]] = Registry("model.arch", {
     "resnet32": "trainables.models:_resnet32",
 })
 
-METHODS: Registry[Any] = Registry("method.name", {
+METHODS: Registry[type[Method]] = Registry("method.name", {
     "erm": "trainables.methods.erm:ERM",
     "pgd_at": "trainables.methods.pgd_at:PGDAT",
     "trades": "trainables.methods.trades:TRADES",

@@ -317,3 +317,28 @@ def test_ablation_policies_train_at_their_fraction_without_meta_steps(policy):
     # Nothing for the meta-net to learn: it never steps.
     assert all(torch.equal(v, meta_before[k]) for k, v in snapshot(method.meta.net).items()
                if not k.endswith(("mean", "var", "seen")))
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def test_state_is_namespaced_by_component_and_old_flat_checkpoints_still_load():
+    _, method, batch = setup(meta_interval=1)
+    method.epoch_start(0)
+    method.step(batch, lr=0.1)
+    method.epoch_end(0)
+    state = method.state_dict()
+    assert set(state) == {"multipliers", "meta", "class_mean_loss"}
+    assert set(state["meta"]) == {"net", "optimizer", "batches"}
+    # The layout checkpoints had before the components: the meta-learner's state flat.
+    flat = {"multipliers": state["multipliers"], "meta_net": state["meta"]["net"],
+            "meta_optimizer": state["meta"]["optimizer"], "batches": state["meta"]["batches"],
+            "class_mean_loss": state["class_mean_loss"]}
+    _, fresh, _ = setup(meta_interval=1, seed=1)
+    fresh.load_state_dict(flat)
+    assert fresh.meta.batches == method.meta.batches == 1
+    for k, v in method.meta.net.state_dict().items():
+        assert torch.equal(fresh.meta.net.state_dict()[k], v), k
+    assert torch.equal(fresh.multipliers.lam, method.multipliers.lam)
+    assert fresh.meta.optimizer.state_dict()["state"].keys() == state["meta"]["optimizer"][
+        "state"].keys()
