@@ -45,7 +45,7 @@ def main() -> None:
     from trainables.config import load_config
     from trainables.data import load
     from trainables.models import load_checkpoint
-    from trainables.trial import evaluated_test_split
+    from trainables.problem import evaluated_test_split
 
     for run in sys.argv[1:]:
         metrics = json.loads((Path(run) / "metrics.json").read_text())

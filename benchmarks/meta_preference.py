@@ -36,7 +36,7 @@ from trainables import methods
 from trainables.config import validate
 from trainables.diagnostics import roc_auc
 from trainables.meta import model_params, virtual_step
-from trainables.methods.frl import weighted_trades_loss
+from trainables.methods.trades_common import weighted_trades_loss
 from trainables.trial import (
     Problem,
     build_model,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainables.errors import ConfigError
+from trainables.registry import DATASETS, METHODS, MODELS
 
 
 class _Strict(BaseModel):
@@ -229,12 +230,10 @@ class TrialConfig(_Strict):
 
 
 def _check_registered(cfg: TrialConfig) -> None:
-    # Imported here: the registries import torch-heavy modules, and the config module
-    # must stay importable on its own.
-    from trainables import data, methods, models
-
-    for name, registry in ((cfg.dataset.name, data.DATASETS), (cfg.model.arch, models.MODELS),
-                           (cfg.method.name, methods.METHODS)):
+    # The registries know their names without importing the datasets, models and methods
+    # (torch), so checking a config stays cheap.
+    for name, registry in ((cfg.dataset.name, DATASETS), (cfg.model.arch, MODELS),
+                           (cfg.method.name, METHODS)):
         if name not in registry:  # ValueError: pydantic turns it into the field's error
             raise ValueError(registry.unknown(name))
 

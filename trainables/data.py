@@ -1,5 +1,7 @@
-"""Dataset registry: every loader returns float32 images in [0, 1] (N x C x H x W) and int64
-labels, on the CPU; the trial moves them to its device.
+"""Datasets: every loader returns float32 images in [0, 1] (N x C x H x W) and int64
+labels, on the CPU; the trial moves them to its device. This module holds that interface,
+the datasets read from disk and augmentation; `trainables.synthetic_data` the generated
+ones; `trainables.registry` lists them all by name.
 
 Real datasets are read from their on-disk formats with numpy (IDX for Fashion-MNIST,
 torchvision's pickles for CIFAR) because ``import torchvision`` breaks whenever its compiled
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from trainables.config import DatasetConfig
 from trainables.errors import ConfigError
-from trainables.registry import Registry
+from trainables.registry import DATASETS
 
 
 class DataError(ConfigError):
@@ -66,20 +68,20 @@ class DatasetSplits:
         return (int(c), int(h), int(w))
 
 
-Loader = Callable[[DatasetConfig, int], DatasetSplits]
-DATASETS: Registry[Loader] = Registry("dataset.name", DataError)
+# A loader is ``loader(cfg, seed) -> DatasetSplits``; `trainables.registry` lists them.
 register_dataset = DATASETS.register
 
 
 def load(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     """The dataset cfg names, as CPU tensors; ``seed`` only matters for generated data."""
+    if cfg.name not in DATASETS:  # a DataError, like every other way data can be missing
+        raise DataError(DATASETS.unknown(cfg.name))
     return DATASETS.get(cfg.name)(cfg, seed)
 
 
-def clear_cache() -> None:
-    """Drop the decoded real datasets kept in memory (they are reused across loads)."""
-    _read_fashion_mnist.cache_clear()
-    _read_cifar.cache_clear()
+def augment_flag(cfg: DatasetConfig, default: bool) -> bool:
+    """Whether a dataset's training images are augmented: the config's say, else ``default``."""
+    return default if cfg.augment is None else cfg.augment
 
 
 # Module attributes rather than constants inlined in functions, so tests and odd setups can
@@ -235,7 +237,6 @@ def _read_fashion_mnist(key: tuple[tuple[str, int, int], ...]) -> tuple[Tensor, 
     return tuple(out)
 
 
-@register_dataset("fashion_mnist")
 def load_fashion_mnist(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     roots, target = _search_roots(cfg, [DEBIAN_FASHION_MNIST_DIR, CACHE_DIR / "fashion_mnist"])
     files, why = _find_or_download(_find_fashion_mnist, "fashion_mnist", roots, target)
@@ -249,7 +250,7 @@ def load_fashion_mnist(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     return DatasetSplits(
         name="fashion_mnist", train_x=_as_float(tr_x), train_y=tr_y.clone(),
         test_x=_as_float(te_x), test_y=te_y.clone(), num_classes=10,
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, augment=_augment_flag(cfg, False))
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, augment=augment_flag(cfg, False))
 
 
 # ------------------------------------------------------------------------- CIFAR (pickles)
@@ -355,78 +356,15 @@ def _load_cifar(name: str, cfg: DatasetConfig) -> DatasetSplits:
     return DatasetSplits(
         name=name, train_x=_as_float(tr_x), train_y=tr_y.clone(), test_x=_as_float(te_x),
         test_y=te_y.clone(), num_classes=fmt.num_classes, mean=fmt.mean, std=fmt.std,
-        augment=_augment_flag(cfg, True))
+        augment=augment_flag(cfg, True))
 
 
-@register_dataset("cifar10")
 def load_cifar10(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     return _load_cifar("cifar10", cfg)
 
 
-@register_dataset("cifar100")
 def load_cifar100(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
     return _load_cifar("cifar100", cfg)
-
-
-# ---------------------------------------------------------------------- generated datasets
-
-def _augment_flag(cfg: DatasetConfig, default: bool) -> bool:
-    return default if cfg.augment is None else cfg.augment
-
-
-def _balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    # Class counts differ by at most one; shuffled so no batch sees a single class.
-    return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
-
-
-def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1).double()
-    return tuple(flat.mean(1).tolist()), tuple(flat.std(1).clamp_min(1e-6).tolist())
-
-
-def gmm_class_stds(cfg: DatasetConfig) -> np.ndarray:
-    """Per-class std before clipping: geometric from gmm_spread, class 0 tightest."""
-    ranks = np.arange(cfg.num_classes) / (cfg.num_classes - 1)
-    return cfg.gmm_spread * cfg.gmm_spread_ratio ** ranks
-
-
-@register_dataset("gmm")
-def load_gmm(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
-    """Isotropic Gaussian classes around random means in [0.2, 0.8]^D, clipped to [0, 1].
-
-    Classes differ only in spread, which is what the paper's theory is about: wide classes
-    are harder and suffer most from a single perturbation bound.
-    """
-    rng = np.random.default_rng(seed)
-    dim = math.prod(cfg.shape)
-    means = rng.uniform(0.2, 0.8, size=(cfg.num_classes, dim)).astype(np.float32)
-    stds = gmm_class_stds(cfg).astype(np.float32)
-
-    def draw(n: int) -> tuple[Tensor, Tensor]:
-        y = _balanced_labels(n, cfg.num_classes, rng)
-        noise = rng.standard_normal((n, dim), dtype=np.float32)
-        x = np.clip(means[y] + stds[y, None] * noise, 0.0, 1.0)
-        return torch.from_numpy(x.reshape(n, *cfg.shape)), torch.from_numpy(y)
-
-    train_x, train_y = draw(cfg.n_train)
-    test_x, test_y = draw(cfg.n_test)
-    mean, std = _channel_stats(train_x)
-    return DatasetSplits("gmm", train_x, train_y, test_x, test_y, cfg.num_classes, mean, std,
-                         _augment_flag(cfg, False))
-
-
-@register_dataset("synthetic")
-def load_synthetic(cfg: DatasetConfig, seed: int = 0) -> DatasetSplits:
-    """Uniform noise images with random labels: only for timing, nothing to learn."""
-    g = torch.Generator().manual_seed(seed)
-    c = cfg.shape[0]
-    train_x = torch.rand(cfg.n_train, *cfg.shape, generator=g)
-    train_y = torch.randint(cfg.num_classes, (cfg.n_train,), generator=g)
-    test_x = torch.rand(cfg.n_test, *cfg.shape, generator=g)
-    test_y = torch.randint(cfg.num_classes, (cfg.n_test,), generator=g)
-    # Moments of U(0, 1), so normalisation does not depend on the draw.
-    return DatasetSplits("synthetic", train_x, train_y, test_x, test_y, cfg.num_classes,
-                         (0.5,) * c, (1 / math.sqrt(12),) * c, _augment_flag(cfg, False))
 
 
 # ---------------------------------------------------------------------------- augmentation

@@ -13,13 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-Params = dict[str, torch.Tensor]
+from trainables.registry import unknown_name
 
-NUM_CAAT_FEATURES = 6
+Params = dict[str, torch.Tensor]
 
 
 class RunningStandardize(nn.Module):
@@ -66,7 +65,7 @@ class MetaNet(nn.Module):
                  norm: str = "batch") -> None:
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"norm: unknown '{norm}'; allowed: {', '.join(NORMS)}")
+            raise ValueError(unknown_name("norm", norm, list(NORMS)))
         self.norm = norm
         layers: list[nn.Module] = {"running": [RunningStandardize(in_features)],
                                    "batch": [nn.BatchNorm1d(in_features)], "none": []}[norm]
@@ -84,22 +83,6 @@ class MetaNet(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)
-
-
-def caat_features(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor,
-                  class_mean_loss: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
-    """The six per-sample features CAAT's meta-net sees, shape (B, 6) (pure).
-
-    CE; last epoch's mean CE of the sample's (observed) class; ||onehot(y) - p||;
-    margin p_y - max_{k != y} p_k; sum_k p_k log p_k (negative entropy); class prior.
-    """
-    p = F.softmax(logits, dim=1)
-    onehot = F.one_hot(y, logits.shape[1]).to(p.dtype)
-    p_y = (p * onehot).sum(1)
-    p_other = p.masked_fill(onehot.bool(), float("-inf")).max(1).values
-    neg_entropy = (p * F.log_softmax(logits, dim=1)).sum(1)
-    return torch.stack([ce, class_mean_loss[y], (onehot - p).norm(dim=1), p_y - p_other,
-                        neg_entropy, class_prior[y]], dim=1)
 
 
 def model_params(model: nn.Module) -> Params:

@@ -21,8 +21,8 @@ def class_accuracy(correct: torch.Tensor, y: torch.Tensor, num_classes: int) -> 
     return torch.where(totals > 0, hits / totals.clamp_min(1), torch.full_like(hits, float("nan")))
 
 
-def summarise(natural_correct: torch.Tensor, robust_correct: torch.Tensor, y: torch.Tensor,
-              num_classes: int) -> dict:
+def metrics_from_correct(natural_correct: torch.Tensor, robust_correct: torch.Tensor,
+                         y: torch.Tensor, num_classes: int) -> dict:
     """Scalar metrics and class-wise lists from per-sample correctness (pure)."""
     cls_nat = class_accuracy(natural_correct, y, num_classes)
     cls_rob = class_accuracy(robust_correct, y, num_classes)
@@ -63,4 +63,4 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
                 rob.append(model(x_adv).argmax(1) == yb)
     finally:
         model.train(was_training)
-    return summarise(torch.cat(nat), torch.cat(rob), y, num_classes)
+    return metrics_from_correct(torch.cat(nat), torch.cat(rob), y, num_classes)

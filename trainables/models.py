@@ -20,17 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.registry import Registry
+from trainables.registry import MODELS
 
 Factory = Callable[[int, int, "tuple[int, int, int] | None"], nn.Module]
-
-MODELS: Registry[Factory] = Registry("model.arch")
 
 _SPEC_KEYS = ("arch", "num_classes", "in_channels", "input_shape", "mean", "std")
 
 
 def register_model(name: str) -> Callable[[Factory], Factory]:
-    """Register ``factory(num_classes, in_channels, input_shape) -> nn.Module`` under ``name``.
+    """Register ``factory(num_classes, in_channels, input_shape) -> nn.Module`` under ``name``
+    (the built-in architectures are listed in `trainables.registry`).
 
     The factory builds the bare network (normalised input in, logits out); :func:`build`
     wraps it with the normalisation.
@@ -145,13 +144,11 @@ def _flat_dim(arch: str, input_shape: tuple[int, int, int] | None) -> int:
     return math.prod(input_shape)
 
 
-@register_model("linear")
 def _linear(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] | None
             ) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(_flat_dim("linear", input_shape), num_classes))
 
 
-@register_model("mlp")
 def _mlp(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] | None
          ) -> nn.Module:
     width = 128
@@ -167,7 +164,6 @@ def _mlp(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] |
 # Small CNN (Fashion-MNIST and other small images)
 
 
-@register_model("small_cnn")
 def _small_cnn(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] | None
                ) -> nn.Module:
     # The adaptive pool is the identity on 28x28 inputs (7x7 after two max-pools) and lets the
@@ -236,7 +232,6 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("preact_resnet18")
 def _preact_resnet18(num_classes: int, in_channels: int,
                      input_shape: tuple[int, int, int] | None) -> nn.Module:
     return PreActResNet([2, 2, 2, 2], num_classes, in_channels)
@@ -305,7 +300,6 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-@register_model("wrn28_10")
 def _wrn28_10(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] | None
               ) -> nn.Module:
     return WideResNet(28, 10, num_classes, in_channels)
@@ -368,7 +362,6 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("resnet32")
 def _resnet32(num_classes: int, in_channels: int, input_shape: tuple[int, int, int] | None
               ) -> nn.Module:
     return CifarResNet(5, num_classes, in_channels)

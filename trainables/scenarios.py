@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trainables.errors import ConfigError
+from trainables.registry import unknown_name
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig
@@ -354,8 +355,7 @@ def _check_args(num_classes: int, noise_type: str, noise_rate: float, imbalance_
                 meta_per_class: int, val_per_class: int, seed: int,
                 train_size: int | None) -> None:
     if noise_type not in NOISE_TYPES:
-        raise ScenarioError(f"scenario.noise_type: unknown {noise_type!r}; allowed: "
-                            f"{', '.join(sorted(NOISE_TYPES))}")
+        raise ScenarioError(unknown_name("scenario.noise_type", noise_type, sorted(NOISE_TYPES)))
     if not isinstance(noise_rate, Real) or not 0.0 <= float(noise_rate) < 1.0:
         raise ScenarioError(f"scenario.noise_rate: must be in [0, 1), got {noise_rate!r}")
     if noise_type == "none" and noise_rate > 0:

@@ -5,7 +5,8 @@ reporter writing to a directory) and for Ray Tune (the thin adapter at the botto
 place in `trainables` that imports Ray). Each epoch reports metrics together with a
 checkpoint holding everything needed to continue bit-for-bit: model, optimiser, method
 state, RNG state, epoch and metric history. Batch order and augmentation are drawn from
-generators seeded by (seed, epoch), so a resumed trial sees the same batches.
+generators seeded by (seed, epoch), so a resumed trial sees the same batches. The tensors
+a trial trains on come from `trainables.problem`; `prepare` is the set-up before a model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ from trainables.diagnostics import EpochSamples, direction_diagnostics
 from trainables.errors import ConfigError
 from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 from trainables.metrics import evaluate
-from trainables.scenarios import Scenario, build_scenario, pick_test_subset
+from trainables.problem import Problem, build_problem, resolve_device
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -50,79 +51,19 @@ class Reporter(Protocol):
     def latest_checkpoint(self) -> Path | None: ...
 
 
-# ------------------------------------------------------------------------ problem setup
+# ----------------------------------------------------------------------------- set-up
 
 
-@dataclass
-class Problem:
-    """The tensors of one scenario on the trial's device."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor  # observed labels
-    meta_x: torch.Tensor
-    meta_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    augment: bool
-    scenario: Scenario
-    splits: data_mod.DatasetSplits = field(repr=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' asked for but no CUDA device is available; "
-                         "allowed here: auto, cpu")
-    return torch.device(name)
-
-
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # channels_last: 1.6x faster training steps for small_cnn on CPU (oneDNN), and the
-    # layout cuDNN prefers on GPUs; the model is converted to match in build_model.
-    return images.to(device).contiguous(memory_format=torch.channels_last)
-
-
-def evaluated_test_split(cfg: TrialConfig, splits: data_mod.DatasetSplits
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images and labels a trial evaluates on (CPU): the whole split, or the fixed
-    subset `dataset.test_size` asks for."""
-    if cfg.dataset.test_size is None:
-        return splits.test_x, splits.test_y
-    keep = torch.as_tensor(pick_test_subset(splits.test_y.numpy(), splits.num_classes,
-                                            cfg.dataset.test_size))
-    return splits.test_x[keep], splits.test_y[keep]
-
-
-def build_problem(cfg: TrialConfig, device: torch.device,
-                  splits: data_mod.DatasetSplits | None = None) -> Problem:
-    """Load (or take) the dataset, build the seeded scenario, move its splits to ``device``."""
-    if splits is None:
-        splits = data_mod.load(cfg.dataset, seed=cfg.runtime.seed)
-    sc = cfg.scenario
-    scenario = build_scenario(
-        splits.train_y.numpy(), splits.num_classes, noise_type=sc.noise_type,
-        noise_rate=sc.noise_rate, imbalance_ratio=sc.imbalance_ratio,
-        meta_per_class=sc.meta_per_class, val_per_class=sc.val_per_class,
-        seed=cfg.runtime.seed, train_size=cfg.dataset.train_size)
-
-    def take(idx: np.ndarray) -> torch.Tensor:
-        return to_device(splits.train_x[torch.as_tensor(idx)], device)
-
-    def labels(y: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(y, dtype=torch.int64, device=device)
-
-    test_x, test_y = evaluated_test_split(cfg, splits)
-    augment = splits.augment if cfg.dataset.augment is None else cfg.dataset.augment
-    return Problem(
-        train_x=take(scenario.train_idx), train_y=labels(scenario.train_labels),
-        meta_x=take(scenario.meta_idx), meta_y=labels(splits.train_y.numpy()[scenario.meta_idx]),
-        val_x=take(scenario.val_idx), val_y=labels(splits.train_y.numpy()[scenario.val_idx]),
-        test_x=to_device(test_x, device), test_y=test_y.to(device),
-        num_classes=splits.num_classes, augment=augment, scenario=scenario, splits=splits)
+def prepare(cfg: TrialConfig, splits: data_mod.DatasetSplits | None = None
+            ) -> tuple[torch.device, Problem]:
+    """A trial's set-up before any model exists: torch's threads, the device, the global
+    seed, and the scenario's tensors on the device (``splits``: a dataset loaded once by
+    a sweep; else loaded here)."""
+    device = resolve_device(cfg.runtime.device)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    torch.manual_seed(cfg.runtime.seed)
+    return device, build_problem(cfg, device, splits)
 
 
 def build_model(cfg: TrialConfig, problem: Problem, device: torch.device,
@@ -308,12 +249,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     ``progress`` wraps the batch iterator (e.g. a tqdm factory) for interactive runs.
     """
     cfg = config if isinstance(config, TrialConfig) else validate(config)
-    device = resolve_device(cfg.runtime.device)
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    torch.manual_seed(cfg.runtime.seed)
-
-    problem = build_problem(cfg, device, splits)
+    device, problem = prepare(cfg, splits)
     resume_dir = reporter.latest_checkpoint()
     # A resumed trial gets its weights from the checkpoint: no warm start needed.
     model = build_model(cfg, problem, device, warm_starts, initialise=resume_dir is None)

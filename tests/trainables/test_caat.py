@@ -6,8 +6,8 @@ from method_support import build_method
 from torch import nn
 
 from trainables import methods
-from trainables.meta import caat_features
 from trainables.methods.caat import (
+    caat_features,
     caat_loss,
     combination_weights,
     loss_rank_directions,
@@ -40,16 +40,16 @@ def test_meta_step_lowers_its_meta_loss_and_changes_only_the_meta_net(knobs):
     # A soft temperature so the weights have gradients; a meta lr large enough to see.
     model, method, batch = setup(temperature=1.0, meta_lr=0.05, **knobs)
     terms = method.terms(batch, for_meta_step=True)
-    model_before, meta_before = snapshot(model), snapshot(method.meta_net)
+    model_before, meta_before = snapshot(model), snapshot(method.meta.net)
     losses = []
     for _ in range(4):
         torch.manual_seed(7)  # the same meta batch and attack starts every time
-        losses.append(method.caat_meta_step(terms, lr=0.5).loss)
+        losses.append(method.meta_step(terms, lr=0.5).loss)
     assert losses[-1] < losses[0], losses
     for k, v in snapshot(model).items():
         assert torch.equal(v, model_before[k]), f"model {k} changed"
     assert all(p.grad is None for p in model.parameters())
-    changed = [k for k, v in snapshot(method.meta_net).items()
+    changed = [k for k, v in snapshot(method.meta.net).items()
                if not torch.equal(v, meta_before[k])]
     assert any(k.endswith("weight") for k in changed)
 
@@ -73,7 +73,7 @@ def test_chosen_and_both_give_the_same_loss_where_the_choice_is_hard():
     losses, fracs = {}, {}
     for directions in ("chosen", "both"):
         model, method, batch = setup(arch="mlp", directions=directions, temperature=1e-3)
-        method.meta_net = FixedChoice()
+        method.meta.net = FixedChoice()
         torch.manual_seed(3)
         out = method.step(batch, lr=0.1)
         losses[directions], fracs[directions] = out.loss.item(), out.sums["frac_anti"]
@@ -86,7 +86,7 @@ def test_soft_choices_make_the_modes_differ():
     losses = {}
     for directions in ("chosen", "both"):
         model, method, batch = setup(arch="mlp", directions=directions, temperature=3.0)
-        method.meta_net = FixedChoice()
+        method.meta.net = FixedChoice()
         torch.manual_seed(3)
         losses[directions] = method.step(batch, lr=0.1).loss.item()
     assert losses["chosen"] != pytest.approx(losses["both"], rel=1e-4)
@@ -144,10 +144,10 @@ def test_sample_bound_mode_keeps_every_eps_in_its_range():
     assert (dist <= terms.eps_i + 1e-6).all()
     # The meta step reaches the bound output: its row of the last layer moves.
     method.cfg.method.temperature = 1.0
-    last = method.meta_net.net[-1].weight
+    last = method.meta.net.net[-1].weight
     before = last[2].clone()
     torch.manual_seed(1)
-    method.caat_meta_step(terms, lr=0.5)
+    method.meta_step(terms, lr=0.5)
     assert not torch.equal(last[2], before)
 
 
@@ -199,8 +199,8 @@ def test_adversarial_init_sends_no_sample_anti_whatever_the_features(scale):
     _, method, batch = setup(meta_init="adversarial")
     torch.manual_seed(5)
     feats = scale * torch.randn(500, 6) + torch.linspace(-3, 3, 500).unsqueeze(1)
-    method.meta_net.observe(feats)
-    out = method.meta_net(feats)
+    method.meta.net.observe(feats)
+    out = method.meta.net(feats)
     anti, _ = method.directions(out, feats[:, 0], torch.arange(500) % 4)
     assert not anti.any()
     # And a real first training batch trains every sample adversarially.
@@ -236,11 +236,11 @@ def test_meta_step_moves_an_adversarially_initialised_net_only_with_straight_thr
     for meta_temperature in (None, 1.0):
         _, method, batch = setup(meta_init="adversarial", meta_temperature=meta_temperature)
         terms = method.terms(batch, for_meta_step=True)
-        head = method.meta_net.head.weight.clone()
+        head = method.meta.net.head.weight.clone()
         torch.manual_seed(1)
-        stats = method.caat_meta_step(terms, lr=0.5)
+        stats = method.meta_step(terms, lr=0.5)
         grads[meta_temperature] = stats.grad_norm
-        moved = not torch.equal(method.meta_net.head.weight, head)
+        moved = not torch.equal(method.meta.net.head.weight, head)
         assert moved == (meta_temperature is not None)
         # The per-sample preference is read off the same backward pass.
         assert stats.probe_grad is not None and stats.probe_grad.shape == (len(batch.y), 2)
@@ -253,17 +253,17 @@ def test_running_norm_makes_a_choice_independent_of_the_rest_of_the_batch():
         _, method, _ = setup(meta_init="random", meta_norm=norm)
         torch.manual_seed(0)
         feats = torch.randn(64, 6)
-        method.meta_net.observe(feats)
+        method.meta.net.observe(feats)
         with torch.no_grad():
-            whole = method.meta_net(feats)[:8]
-            part = method.meta_net(torch.cat([feats[:8], 5 + feats[8:16]]))[:8]
+            whole = method.meta.net(feats)[:8]
+            part = method.meta.net(torch.cat([feats[:8], 5 + feats[8:16]]))[:8]
         outs[norm] = torch.allclose(whole, part)
     assert outs == {"running": True, "batch": False}
 
 
 def test_a_meta_step_batch_gets_both_directions_and_trains_on_the_chosen_ones():
     _, method, batch = setup(arch="mlp", meta_interval=1)
-    method.meta_net = FixedChoice()
+    method.meta.net = FixedChoice()
     torch.manual_seed(3)
     plain = method.terms(batch)
     torch.manual_seed(3)
@@ -309,11 +309,36 @@ def test_loss_rank_picks_the_highest_losses_within_each_class():
 def test_ablation_policies_train_at_their_fraction_without_meta_steps(policy):
     _, method, batch = setup(direction_policy=policy, anti_fraction=0.5, meta_interval=1,
                              num_classes=4)
-    meta_before = snapshot(method.meta_net)
+    meta_before = snapshot(method.meta.net)
     fracs = [method.step(batch, lr=0.1).sums["frac_anti"] / len(batch.y) for _ in range(4)]
     assert all(f == pytest.approx(0.5, abs=0.3) for f in fracs)
     if policy == "loss_rank":
         assert fracs == [0.5] * 4  # exactly half of each class's 6 samples
     # Nothing for the meta-net to learn: it never steps.
-    assert all(torch.equal(v, meta_before[k]) for k, v in snapshot(method.meta_net).items()
+    assert all(torch.equal(v, meta_before[k]) for k, v in snapshot(method.meta.net).items()
                if not k.endswith(("mean", "var", "seen")))
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def test_state_is_namespaced_by_component_and_old_flat_checkpoints_still_load():
+    _, method, batch = setup(meta_interval=1)
+    method.epoch_start(0)
+    method.step(batch, lr=0.1)
+    method.epoch_end(0)
+    state = method.state_dict()
+    assert set(state) == {"multipliers", "meta", "class_mean_loss"}
+    assert set(state["meta"]) == {"net", "optimizer", "batches"}
+    # The layout checkpoints had before the components: the meta-learner's state flat.
+    flat = {"multipliers": state["multipliers"], "meta_net": state["meta"]["net"],
+            "meta_optimizer": state["meta"]["optimizer"], "batches": state["meta"]["batches"],
+            "class_mean_loss": state["class_mean_loss"]}
+    _, fresh, _ = setup(meta_interval=1, seed=1)
+    fresh.load_state_dict(flat)
+    assert fresh.meta.batches == method.meta.batches == 1
+    for k, v in method.meta.net.state_dict().items():
+        assert torch.equal(fresh.meta.net.state_dict()[k], v), k
+    assert torch.equal(fresh.multipliers.lam, method.multipliers.lam)
+    assert fresh.meta.optimizer.state_dict()["state"].keys() == state["meta"]["optimizer"][
+        "state"].keys()

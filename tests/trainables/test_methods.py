@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from method_support import build_method
@@ -34,15 +36,30 @@ def test_loss_decreases_on_a_small_batch(name, knobs):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+# What each method reports at the end of an epoch (its components' summaries).
+EPOCH_STATS = {"frl": {"class_weight_max", "bound_scale_max"}, "mwn": {"meta_grad_norm"},
+               "caat": {"class_weight_max", "bound_scale_max", "meta_grad_norm"}}
+
+
 @pytest.mark.parametrize("name, knobs", VARIANTS)
 def test_runs_on_100_classes(name, knobs):
     model, method, batch = make(name, num_classes=100, meta_interval=1, **knobs)
     method.epoch_start(0)
     out = method.step(batch, lr=0.1)
-    assert method.epoch_end(0) is not None
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert model(batch.x).shape == (len(batch.y), 100)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert all(v.shape == (len(batch.y),) for v in out.per_sample.values())
+    # meta_interval 1: the meta-learners took a meta step, and every stat is a number.
+    stats = method.epoch_end(0)
+    assert set(stats) == EPOCH_STATS.get(name, set())
+    assert all(math.isfinite(v) for v in stats.values()), stats
+    if name in ("frl", "caat"):  # one multiplier per class and kind
+        assert method.multipliers.lam.shape == (3, 100)
+    if name == "caat":  # the class-loss feature, updated from this epoch's batch
+        assert method.class_mean_loss.shape == (100,)
+        assert torch.isfinite(method.class_mean_loss).all()
 
 
 def test_trades_with_beta_zero_is_clean_cross_entropy():

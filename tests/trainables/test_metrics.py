@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from trainables.metric_names import SCALAR_METRICS
-from trainables.metrics import class_accuracy, evaluate, summarise
+from trainables.metrics import class_accuracy, evaluate, metrics_from_correct
 
 
-def test_summarise_matches_hand_computation():
+def test_metrics_from_correct_matches_hand_computation():
     y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     nat = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
     rob = torch.tensor([1, 0, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
-    m = summarise(nat, rob, y, num_classes=4)
+    m = metrics_from_correct(nat, rob, y, num_classes=4)
     assert m["natural_acc"] == pytest.approx(6 / 8)
     assert m["robust_acc"] == pytest.approx(2 / 8)
     assert m["class_natural_acc"][:3] == pytest.approx([0.75, 0.5, 1.0])

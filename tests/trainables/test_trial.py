@@ -102,8 +102,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
         same = torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
         assert same, k
     if method == "caat":
-        assert {"meta_net.net.1.weight", "meta_optimizer.state.0.exp_avg", "multipliers.lam",
-                "class_mean_loss"} <= set(a)
+        assert {"meta.net.net.1.weight", "meta.optimizer.state.0.exp_avg", "meta.batches",
+                "multipliers.lam", "class_mean_loss"} <= set(a)
         # The per-class diagnostics' history survives the interruption too.
         for key in ("train_class_frac_anti_by_epoch", "train_class_mean_eps_by_epoch"):
             assert len(resumed.metrics[key]) == 3

@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from trainables.attacks import pgd_ce
-from trainables.methods import register
 from trainables.methods.base import Batch, Method, StepResult
 
 
-@register
 class AntiAdv(Method):
     name = "anti_adv"
 

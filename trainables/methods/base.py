@@ -2,18 +2,20 @@
 
 A method owns whatever state it needs besides the model and the model's optimiser (a
 meta-net and its optimiser, class multipliers, running class losses) and exposes it through
-``state_dict``/``load_state_dict`` so a trial resumes exactly.
+``state_dict``/``load_state_dict`` so a trial resumes exactly. Shared parts are components
+a method holds (`MetaLearner`, `ClassMultipliers`), each under its own key of that state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from trainables.config import TrialConfig
+if TYPE_CHECKING:
+    from trainables.config import TrialConfig
 
 
 @dataclass

@@ -40,25 +40,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from trainables.attacks import ce_per_sample, kl_per_sample, pgd
-from trainables.meta import (
-    NUM_CAAT_FEATURES,
-    MetaStepStats,
-    Params,
-    caat_features,
-    call_with,
-    model_params,
-)
-from trainables.methods import register
-from trainables.methods.base import Batch, MethodData, StepResult
-from trainables.methods.frl import MultiplierMethod, weighted_trades_loss
-from trainables.methods.metalearner import MetaLearner
-from trainables.methods.trades import attack_target
+from trainables.meta import MetaStepStats, Params, call_with, model_params
+from trainables.methods.base import Batch, Method, MethodData, StepResult
+from trainables.methods.metalearner import MetaLearner, meta_state_of
+from trainables.methods.multipliers import ClassMultipliers, MultiplierConfig
+from trainables.methods.trades_common import attack_target, weighted_trades_loss
 
 # `meta_init: adversarial`: the adversarial logit starts this many meta temperatures above
 # the anti one, for every sample: hard at the training temperature, while the
@@ -67,6 +59,24 @@ from trainables.methods.trades import attack_target
 ADVERSARIAL_INIT_MARGIN = 1.0
 # A weight counts as saturated (no meta gradient to speak of) outside this band.
 ACTIVE_BAND = (0.01, 0.99)
+
+NUM_CAAT_FEATURES = 6
+
+
+def caat_features(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor,
+                  class_mean_loss: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+    """The six per-sample features CAAT's meta-net sees, shape (B, 6) (pure).
+
+    CE; last epoch's mean CE of the sample's (observed) class; ||onehot(y) - p||;
+    margin p_y - max_{k != y} p_k; sum_k p_k log p_k (negative entropy); class prior.
+    """
+    p = F.softmax(logits, dim=1)
+    onehot = F.one_hot(y, logits.shape[1]).to(p.dtype)
+    p_y = (p * onehot).sum(1)
+    p_other = p.masked_fill(onehot.bool(), float("-inf")).max(1).values
+    neg_entropy = (p * F.log_softmax(logits, dim=1)).sum(1)
+    return torch.stack([ce, class_mean_loss[y], (onehot - p).norm(dim=1), p_y - p_other,
+                        neg_entropy, class_prior[y]], dim=1)
 
 
 def caat_loss(w_adv: torch.Tensor, w_anti: torch.Tensor, ce_clean: torch.Tensor,
@@ -175,17 +185,23 @@ class _Terms:
     ce_anti: torch.Tensor
 
 
-@register
-class CAAT(MultiplierMethod, MetaLearner):
+class CAAT(Method):
+    """CAAT with two components: FRL's class multipliers (``self.multipliers``) and the
+    meta-learner of the directions and bounds (``self.meta``)."""
+
     name = "caat"
-    meta_in = NUM_CAAT_FEATURES
 
     def __init__(self, model, cfg, data: MethodData) -> None:
-        self.meta_out = 3 if cfg.method.bound_mode == "sample" else 2
         super().__init__(model, cfg, data)
-        if cfg.method.bound_mode == "sample":
-            self.multipliers.cfg.remargin = False
-        if cfg.method.meta_init == "adversarial":
+        m = cfg.method
+        sample_bounds = m.bound_mode == "sample"
+        self.meta = MetaLearner(model, cfg, data, in_features=NUM_CAAT_FEATURES,
+                                out_features=3 if sample_bounds else 2, norm=m.meta_norm)
+        multiplier_cfg = MultiplierConfig.from_method(m)
+        if sample_bounds:  # the meta-net owns the bounds: no class remargin
+            multiplier_cfg = replace(multiplier_cfg, remargin=False)
+        self.multipliers = ClassMultipliers(data.num_classes, multiplier_cfg, data.device)
+        if m.meta_init == "adversarial":
             self._init_adversarial()
         c = data.num_classes
         # Before any epoch has been seen: the loss of a uniform guess.
@@ -197,7 +213,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         """Every sample adversarial, whatever its features: a zero output layer and a bias
         that favours the adversarial logit (and a mid-range bound in `sample` mode). The
         hidden layer keeps its random init, so the output layer's meta gradient is not 0."""
-        head = self.meta_net.head
+        head = self.meta.net.head
         with torch.no_grad():
             head.weight.zero_()
             head.bias.zero_()
@@ -218,8 +234,9 @@ class CAAT(MultiplierMethod, MetaLearner):
     # ---------------------------------------------------------------------- epoch hooks
 
     def epoch_start(self, epoch: int) -> None:
-        MultiplierMethod.epoch_start(self, epoch)
-        self.meta_epoch_start()
+        self.multipliers.update(self.model, self.data.meta_x, self.data.meta_y, eps=self.eps,
+                                step_size=self.step_size, steps=self.cfg.method.steps)
+        self.meta.epoch_start()
         self._loss_sum.zero_()
         self._count.zero_()
 
@@ -227,7 +244,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         seen = self._count > 0
         self.class_mean_loss = torch.where(seen, self._loss_sum / self._count.clamp_min(1),
                                            self.class_mean_loss)
-        return {**MultiplierMethod.epoch_end(self, epoch), **self.meta_epoch_stats()}
+        return {**self.multipliers.stats, **self.meta.epoch_stats()}
 
     # ------------------------------------------------------------------------ the step
 
@@ -287,9 +304,9 @@ class CAAT(MultiplierMethod, MetaLearner):
         ce = ce_per_sample(logits, y)
         feats = caat_features(logits.detach(), ce.detach(), y, self.class_mean_loss,
                               self.data.class_prior)
-        self.meta_net.observe(feats)
+        self.meta.net.observe(feats)
         with torch.no_grad():
-            out = self.meta_net(feats)
+            out = self.meta.net(feats)
         anti, score = self.directions(out, ce, y)
         if m.direction_policy == "meta":
             w = combination_weights(out, m.temperature)
@@ -313,7 +330,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         return torch.where(anti.view(shape), x_pert.anti, x_pert.adv)
 
     def step(self, batch: Batch, lr: float) -> StepResult:
-        meta_step = self.meta_learns and self.meta_due()
+        meta_step = self.meta_learns and self.meta.due()
         t, m = self.terms(batch, for_meta_step=meta_step), self.multipliers
         loss = caat_loss(t.w[:, 0], t.w[:, 1], t.ce, t.kl, t.ce_anti, m.c0[t.y], m.c1[t.y],
                          self.cfg.method.beta)
@@ -321,7 +338,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         # The meta-net update takes effect from the next batch: this batch's examples were
         # made for the weights above, and its loss must use the same ones.
         if meta_step:
-            stats = self.caat_meta_step(t, lr)
+            stats = self.meta_step(t, lr)
             if stats.probe_grad is not None:
                 per_sample["meta_pref"] = anti_preference(stats.probe_grad)
         self._loss_sum.index_add_(0, t.y, t.ce.detach())
@@ -335,14 +352,14 @@ class CAAT(MultiplierMethod, MetaLearner):
 
     # ------------------------------------------------------------------- the meta step
 
-    def caat_meta_step(self, t: _Terms, lr: float) -> MetaStepStats:
+    def meta_step(self, t: _Terms, lr: float) -> MetaStepStats:
         """Meta step on this batch (whose examples were made in both directions).
 
         When the meta-net chooses the directions, the stats carry the meta gradient of the
         (B, 2) combination weights (`anti_preference` reads it).
         """
         m, cm, y = self.multipliers, self.cfg.method, t.y
-        out = self.meta_net(t.feats)
+        out = self.meta.net(t.feats)
         if cm.direction_policy == "meta":
             w = combination_weights(out, cm.temperature, cm.meta_temperature)
         else:
@@ -350,7 +367,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         kl, ce_anti = self.virtual_terms(t, out)
         virtual_loss = caat_loss(w[:, 0], w[:, 1], t.ce, kl, ce_anti, m.c0[y], m.c1[y],
                                  cm.beta)
-        return self.meta_step(virtual_loss, self.meta_objective(), lr,
+        return self.meta.step(virtual_loss, self.meta_objective(), lr,
                               probe=w if w.requires_grad else None)
 
     def virtual_terms(self, t: _Terms, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,7 +399,7 @@ class CAAT(MultiplierMethod, MetaLearner):
         terms for every sample of a random clean meta batch, whose examples are made now,
         at the current weights (constants for the meta gradient)."""
         m, cm = self.multipliers, self.cfg.method
-        xm, ym = self.meta_batch()
+        xm, ym = self.meta.batch()
         eps_m = self.eps * (m.scale[ym] if cm.bound_mode == "class"
                             else torch.ones_like(ym, dtype=xm.dtype))
         meta_pert = self.perturb(xm, ym, torch.zeros_like(ym, dtype=torch.bool), eps_m,
@@ -401,10 +418,10 @@ class CAAT(MultiplierMethod, MetaLearner):
     # ------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
-        return {**MultiplierMethod.state_dict(self), **MetaLearner.state_dict(self),
+        return {"multipliers": self.multipliers.state_dict(), "meta": self.meta.state_dict(),
                 "class_mean_loss": self.class_mean_loss.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        MultiplierMethod.load_state_dict(self, state)
-        MetaLearner.load_state_dict(self, state)
+        self.multipliers.load_state_dict(state["multipliers"])
+        self.meta.load_state_dict(meta_state_of(state))
         self.class_mean_loss = state["class_mean_loss"].to(self.class_mean_loss.device)

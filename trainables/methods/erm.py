@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from trainables.methods import register
 from trainables.methods.base import Batch, Method, StepResult
 
 
-@register
 class ERM(Method):
     name = "erm"
 

@@ -1,75 +1,86 @@
-"""The plumbing meta-learned methods (`mwn`, `caat`) share: meta-net, Adam, meta batches."""
+"""The meta-learner a meta-learned method (`mwn`, `caat`) holds: its meta-net, the net's
+Adam, the batch count that schedules meta steps, and random batches of the meta set.
+
+A component, not a base class: the method owns it as ``self.meta`` and its state sits
+under ``"meta"`` in the method's state dict.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from trainables.meta import MetaNet, MetaStepStats, Params, meta_update, model_params
-from trainables.methods.base import Method, MethodData
+
+if TYPE_CHECKING:
+    from trainables.config import TrialConfig
+    from trainables.methods.base import MethodData
+
+# Where checkpoints written before the state was namespaced keep the meta-learner's part:
+# flat at the top of the method's state (old key -> key under "meta").
+_FLAT_KEYS = {"meta_net": "net", "meta_optimizer": "optimizer", "batches": "batches"}
 
 
-class MetaLearner(Method):
-    """A method with a meta-net of `meta_in` features and `meta_out` outputs."""
+def meta_state_of(method_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The meta-learner's part of a method's saved state, from either layout."""
+    if "meta" in method_state:
+        return dict(method_state["meta"])
+    return {new: method_state[old] for old, new in _FLAT_KEYS.items()}
 
-    meta_in: int = 1
-    meta_out: int = 1
 
-    def meta_norm(self) -> str:
-        """How the meta-net standardises its features (see `MetaNet`)."""
-        return self.cfg.method.meta_norm
+class MetaLearner:
+    """A meta-net of ``in_features`` features and ``out_features`` outputs, and its Adam.
 
-    def __init__(self, model, cfg, data: MethodData) -> None:
-        super().__init__(model, cfg, data)
-        m = cfg.method
-        self.meta_net = MetaNet(self.meta_in, m.meta_hidden, self.meta_out,
-                                norm=self.meta_norm()).to(data.device)
-        self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=cfg.meta_lr,
-                                               weight_decay=1e-4)
+    ``norm`` is how the net standardises its features (see `MetaNet`).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrialConfig, data: MethodData, *,
+                 in_features: int, out_features: int, norm: str) -> None:
+        self.model, self.cfg, self.data = model, cfg, data
+        self.net = MetaNet(in_features, cfg.method.meta_hidden, out_features,
+                           norm=norm).to(data.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr,
+                                          weight_decay=1e-4)
         self.batches = 0
         self._grad_norms: list[float] = []
 
-    def meta_due(self) -> bool:
+    def due(self) -> bool:
         """Counts batches; a meta step follows every `meta_interval`-th one."""
         self.batches += 1
         return self.batches % self.cfg.meta_interval == 0
 
-    def meta_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of the clean meta set (global RNG: seeded and checkpointed)."""
         n = len(self.data.meta_y)
         idx = torch.randperm(n, device=self.data.meta_y.device)[:self.cfg.method.meta_batch_size]
         return self.data.meta_x[idx], self.data.meta_y[idx]
 
-    def meta_step(self, virtual_loss: torch.Tensor,
-                  meta_loss_at: Callable[[Params], torch.Tensor], lr: float,
-                  probe: torch.Tensor | None = None) -> MetaStepStats:
-        stats = meta_update(self.meta_net, self.meta_optimizer, virtual_loss,
-                            model_params(self.model), meta_loss_at, lr=lr,
-                            weight_decay=self.cfg.optim.weight_decay, probe=probe)
+    def step(self, virtual_loss: torch.Tensor, meta_loss_at: Callable[[Params], torch.Tensor],
+             lr: float, probe: torch.Tensor | None = None) -> MetaStepStats:
+        """One meta step of the net (`trainables.meta.meta_update`) at the model's weights."""
+        stats = meta_update(self.net, self.optimizer, virtual_loss, model_params(self.model),
+                            meta_loss_at, lr=lr, weight_decay=self.cfg.optim.weight_decay,
+                            probe=probe)
         self._grad_norms.append(stats.grad_norm)
         return stats
 
-    def meta_epoch_start(self) -> None:
+    def epoch_start(self) -> None:
         self._grad_norms = []
 
-    def meta_epoch_stats(self) -> dict[str, float]:
+    def epoch_stats(self) -> dict[str, float]:
         """`meta_grad_norm`: the mean over this epoch's meta steps (absent without any)."""
         if not self._grad_norms:
             return {}
         return {"meta_grad_norm": sum(self._grad_norms) / len(self._grad_norms)}
 
-    def epoch_start(self, epoch: int) -> None:
-        self.meta_epoch_start()
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "batches": self.batches}
 
-    def epoch_end(self, epoch: int) -> dict[str, float]:
-        return self.meta_epoch_stats()
-
-    def state_dict(self) -> dict:
-        return {"meta_net": self.meta_net.state_dict(),
-                "meta_optimizer": self.meta_optimizer.state_dict(), "batches": self.batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.meta_net.load_state_dict(state["meta_net"])
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
         self.batches = int(state["batches"])

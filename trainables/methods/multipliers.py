@@ -5,7 +5,8 @@ robust accuracy) are measured on the clean balanced meta set. Classes whose erro
 the average by more than a tolerance get larger Lagrange multipliers, which
 - reweight: raise the class's weight in the natural (c0) and boundary (c1) loss terms;
 - remargin: widen the class's perturbation bound, eps_c = eps * s_c.
-The update rules are pure functions of tensors; `ClassMultipliers` holds the state.
+The update rules are pure functions of tensors; `ClassMultipliers` holds the state, a
+component a method owns as ``self.multipliers`` (its state under ``"multipliers"``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ClassMultipliers:
     def __init__(self, num_classes: int, cfg: MultiplierConfig, device: torch.device) -> None:
         self.cfg = cfg
         self.lam = torch.zeros(3, num_classes, device=device)
+        self.stats: dict[str, float] = {}  # the last update's summary, for the epoch report
 
     @property
     def c0(self) -> torch.Tensor:
@@ -106,7 +108,7 @@ class ClassMultipliers:
                step_size: float, steps: int) -> dict[str, float]:
         """Measure the class gaps on (x, y) (PGD-CE at each class's current bound) and step.
 
-        Returns summary numbers for the epoch report.
+        Returns (and keeps as ``stats``) summary numbers for the epoch report.
         """
         eps_i = eps * self.scale[y]
         x_adv = pgd_ce(model, x, y, eps=eps_i, step_size=step_size, steps=steps)
@@ -115,8 +117,9 @@ class ClassMultipliers:
             rob = model(x_adv).argmax(1) == y
         gap0, gap1 = class_error_gaps(nat, rob, y, self.lam.shape[1], self.cfg.tolerance)
         self.step(gap0, gap1)
-        return {"class_weight_max": float(self.c0.max()),
-                "bound_scale_max": float(self.scale.max())}
+        self.stats = {"class_weight_max": float(self.c0.max()),
+                      "bound_scale_max": float(self.scale.max())}
+        return self.stats
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"lam": self.lam.clone()}

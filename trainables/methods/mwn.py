@@ -12,29 +12,40 @@ import torch.nn.functional as F
 
 from trainables.attacks import ce_per_sample
 from trainables.meta import call_with
-from trainables.methods import register
-from trainables.methods.base import Batch, StepResult
-from trainables.methods.metalearner import MetaLearner
+from trainables.methods.base import Batch, Method, MethodData, StepResult
+from trainables.methods.metalearner import MetaLearner, meta_state_of
 
 
-@register
-class MWN(MetaLearner):
+class MWN(Method):
     name = "mwn"
 
-    def meta_norm(self) -> str:
+    def __init__(self, model, cfg, data: MethodData) -> None:
+        super().__init__(model, cfg, data)
         # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm).
-        return "none"
+        self.meta = MetaLearner(model, cfg, data, in_features=1, out_features=1, norm="none")
 
     def weights(self, ce: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.meta_net(ce.detach().unsqueeze(1))).squeeze(1)
+        return torch.sigmoid(self.meta.net(ce.detach().unsqueeze(1))).squeeze(1)
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         ce = ce_per_sample(self.model(batch.x), batch.y)
-        if self.meta_due():
-            xm, ym = self.meta_batch()
-            self.meta_step((self.weights(ce) * ce).mean(),
+        if self.meta.due():
+            xm, ym = self.meta.batch()
+            self.meta.step((self.weights(ce) * ce).mean(),
                            lambda params: F.cross_entropy(call_with(self.model, params, xm), ym),
                            lr)
         with torch.no_grad():
             w = self.weights(ce)
         return StepResult((w * ce).mean(), sums={"mean_weight": float(w.sum())})
+
+    def epoch_start(self, epoch: int) -> None:
+        self.meta.epoch_start()
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        return self.meta.epoch_stats()
+
+    def state_dict(self) -> dict:
+        return {"meta": self.meta.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meta.load_state_dict(meta_state_of(state))

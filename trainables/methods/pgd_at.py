@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from trainables.attacks import pgd_ce
-from trainables.methods import register
 from trainables.methods.base import Batch, Method, StepResult
 
 
-@register
 class PGDAT(Method):
     name = "pgd_at"
 
