@@ -116,16 +116,11 @@ def _same(a, b) -> bool:
 
 
 def _train_warm_start(cfg_raw: dict, shared: SharedSplits) -> dict:
-    """A Ray task: ERM warm start of one (scenario, seed)."""
-    import torch
-
-    from trainables.trial import build_problem, resolve_device, train_warm_start
+    """A Ray task: ERM warm start of one (scenario, seed), set up as `run_trial` sets up."""
+    from trainables.trial import prepare, train_warm_start
 
     cfg = validate(cfg_raw)
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    device = resolve_device(cfg.runtime.device)
-    problem = build_problem(cfg, device, shared.to_splits())
+    device, problem = prepare(cfg, shared.to_splits())
     return train_warm_start(cfg, problem, device)
 
 

@@ -21,14 +21,9 @@ from sweep_support import (
 )
 
 from sweeper.cli import main
+from sweeper.contract import resolve_tracking_uri
 from sweeper.search import SWEEP_KEY
-from sweeper.tracking import (
-    Tracker,
-    TrackingCallback,
-    metrics_of,
-    resolve_tracking_uri,
-    trial_outcome,
-)
+from sweeper.tracking import Tracker, TrackingCallback, metrics_of, trial_outcome
 
 
 def test_only_trial_metrics_are_logged():
