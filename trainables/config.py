@@ -283,32 +283,52 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format_error(err: ValidationError) -> str:
+def validation_message(err: ValidationError, root: type[BaseModel],
+                       where: str = "") -> str:
+    """A pydantic error as the one line users see: the first error's dotted location
+    (list positions as [i]) and what is allowed there. Shared by trial configs and sweep
+    spaces, so both read alike. `where` stands in for an empty location."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "config"
-    msg = first["msg"]
+    parts = list(first["loc"])
+    loc = _loc_text(parts) or where
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-        parent = first["loc"][:-1]
-        allowed = _allowed_keys(parent)
-        if allowed:
-            msg += f"; allowed: {', '.join(allowed)}"
+        allowed = _allowed_keys(root, parts[:-1])
+        msg = "unknown key" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
     elif first["type"] == "literal_error":
         msg = msg.replace("Input should be", "allowed:")
-    msg = msg.removeprefix("Value error, ")
-    if loc in msg.split(":")[0]:
+    elif first["type"] == "missing":
+        msg = "required"
+    if not loc or loc in msg.split(":")[0]:  # a validator's message that names its field
         return msg
     return f"{loc}: {msg}"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = TrialConfig
+def _loc_text(parts: list[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "literal[")):  # pydantic's union tags
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _allowed_keys(root: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The keys of the model at `loc` (positions in lists and optionals looked through)."""
+    model: Any = root
     for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
+        if isinstance(part, int):
+            continue
+        fld = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if fld is None:
             return []
-        model = field.annotation
-    return sorted(model.model_fields)
+        ann = fld.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        model = ann if isinstance(ann, type) else (args[0] if args else None)
+        if model is None:
+            return []
+    return sorted(model.model_fields) if hasattr(model, "model_fields") else []
 
 
 def load_config(source: Mapping[str, Any] | str | Path | None = None,
@@ -330,7 +350,7 @@ def validate(raw: Mapping[str, Any]) -> TrialConfig:
     try:
         return TrialConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(validation_message(err, TrialConfig, "config")) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
