@@ -237,7 +237,8 @@ class TrackingCallback(Callback):
         state = {"queue_path": None, **state}
         if "meta_key" in state:
             state["sweep_key"] = state.pop("meta_key")
-        self.__dict__.update(state)
+        for name, value in state.items():
+            setattr(self, name, value)
         self._reset()
 
     @property
