@@ -119,6 +119,17 @@ def test_no_import_cycles_across_packages():
     assert not cycles(graph), "\n".join(describe(c, graph) for c in cycles(graph))
 
 
+# A module longer than this does too much to read in one sitting: split it at its seams,
+# behind a thin public front (as sweeper/search/ and sweeper/analysis/ are).
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_too_long_to_read():
+    long = {name: n for package in PACKAGES for name, path in module_files(package).items()
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"over {MAX_MODULE_LINES} lines: {long}"
+
+
 def test_trainables_never_imports_sweeper():
     graph = import_graph(PACKAGES)
     wrong = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("trainables")
