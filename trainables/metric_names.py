@@ -19,6 +19,13 @@ SCALAR_METRICS = (
 CLASSWISE_METRICS = ("class_natural_acc", "class_robust_acc")
 # Splits evaluated: validation for selection, test for reporting.
 EVAL_SPLITS = ("val", "test")
+# AutoAttack (`eval.autoattack`), once after the last epoch, on a fixed class-stratified subset
+# of the test split: scalars, and the class-wise list (true labels). `pgd_autoattack_gap` is
+# PGD's robust accuracy on the same subset minus AutoAttack's (gradient masking shows as a
+# large gap).
+AUTOATTACK_METRICS = ("test_autoattack_acc", "test_worst_class_autoattack_acc",
+                      "test_pgd_autoattack_gap")
+AUTOATTACK_CLASSWISE = ("test_class_autoattack_acc",)
 # Class-wise lists (one value per class, by observed label) the trial reports every epoch; it
 # also reports each one's history as `<name>_by_epoch` (a list per epoch).
 CLASSWISE_DIAGNOSTICS = ("train_class_frac_anti", "train_class_mean_eps")
