@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sweeper import storage as st
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from sweeper.tracking import Tracker
@@ -241,7 +241,7 @@ class WriteQueue:
                         return False
                     self.dropped += 1
                     logger.warning("tracking: MLflow refused %s, dropped (%s)", op.describe(),
-                                   st.one_line(err))
+                                   one_line(err))
                 self.ops.popleft()
                 self._mark_up()
         if self._on_disk:
@@ -288,7 +288,7 @@ class WriteQueue:
                 st.remove(self.path)
                 self._on_disk = False
         except (OSError, ConfigError) as err:
-            logger.warning("tracking: cannot write %s (%s)", self.path, st.one_line(err))
+            logger.warning("tracking: cannot write %s (%s)", self.path, one_line(err))
         self._saved_at = now
 
     # -- applying one op
@@ -354,5 +354,5 @@ class WriteQueue:
 
 def _cause(err: BaseException) -> str:
     """The telling part of MLflow's long connection errors: what urllib3 says caused it."""
-    text = st.one_line(err, 2000)
+    text = one_line(err, 2000)
     return text[text.find("Caused by"):][:200] if "Caused by" in text else text[:200]

@@ -49,7 +49,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainables.errors import ServiceUnavailable
+from trainables.errors import ServiceUnavailable, one_line
 from trainables.metric_names import (
     CLASSWISE_DIAGNOSTICS,
     CLASSWISE_METRICS,
@@ -103,7 +103,7 @@ def check_reachable(tracking_uri: str) -> None:
         with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10) as resp:
             resp.read()
     except Exception as err:
-        reason = " ".join(str(err).split())[:200]
+        reason = one_line(err, 200)
         raise ServiceUnavailable(f"--tracking-uri: cannot reach {tracking_uri} ({reason})"
                                  ) from None
 

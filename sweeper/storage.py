@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 
 DEFAULT_STORAGE = "runs"
 MANIFEST = "sweep.json"
@@ -225,6 +225,3 @@ def _nodes_missing(marker: str) -> list[str]:
     return [name for name, ref in refs.items() if not ray.get(ref, timeout=120)]
 
 
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """An exception as one line (pyarrow's and MLflow's span many)."""
-    return " ".join(str(err).split())[:limit] or type(err).__name__

@@ -37,7 +37,7 @@ from sweeper import storage as st
 from sweeper._write_queue import pending_path
 from sweeper.contract import CLASSWISE_KEYS, PARENT_TAG, TRIAL_TAGS, experiment_name, open_client
 from sweeper.restore import choose_fallback
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -65,8 +65,8 @@ def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def one_line(text: str, limit: int = 500) -> str:
-    return " ".join(str(text).split())[:limit]
+# Error and restore notes as tags: one line, short enough to read in the MLflow UI's table.
+TAG_CHARS = 500
 
 
 # ------------------------------------------------------------------------------ tracker
@@ -171,7 +171,7 @@ class Tracker:
             self.client.log_dict(run_id, dict(classwise), "classwise.json")
         self.client.set_tag(run_id, "outcome", outcome)
         if error:
-            self.client.set_tag(run_id, "error", one_line(error))
+            self.client.set_tag(run_id, "error", one_line(error, TAG_CHARS))
         self.client.set_terminated(run_id, "FAILED" if outcome == "failed" else "FINISHED")
 
     def trial_runs(self, include_deleted: bool = False) -> list:
@@ -262,10 +262,10 @@ class TrackingCallback(Callback):
                                        trial.config[self.sweep_key]["epochs"])
             if fallback is not None:
                 # How the trial got past a missing or corrupt checkpoint (sweeper.restore).
-                self._put(trial, wq.set_tag(trial.trial_id, "restore", one_line(fallback.note)))
+                note = one_line(fallback.note, TAG_CHARS)
+                self._put(trial, wq.set_tag(trial.trial_id, "restore", note))
                 if fallback.corrupt:
-                    self._put(trial, wq.set_tag(trial.trial_id, "error",
-                                                one_line(fallback.note)))
+                    self._put(trial, wq.set_tag(trial.trial_id, "error", note))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict,
                         **info) -> None:
@@ -388,5 +388,5 @@ def error_reason(trial: Trial) -> str:
         head = line.split(":", 1)[0]
         if head and (head.endswith(("Error", "Exception", "Failure")) or "." in head) \
                 and " " not in head:
-            return one_line(line)
-    return one_line(lines[-1]) if lines else "unknown error (no error file)"
+            return one_line(line, TAG_CHARS)
+    return one_line(lines[-1], TAG_CHARS) if lines else "unknown error (no error file)"

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from trainables.config import DatasetConfig
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 from trainables.registry import DATASETS
 
 
@@ -112,11 +112,6 @@ def _search_roots(cfg: DatasetConfig, defaults: list[Path]) -> tuple[list[Path],
     return ([Path(env).expanduser()] if env else []) + defaults, defaults[-1]
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text[:300]
-
-
 def _download(dataset: str, root: Path) -> None:
     """Fetch a dataset into root with torchvision; any failure becomes one DataError."""
     if os.environ.get(ENV_OFFLINE, "") not in ("", "0"):
@@ -127,14 +122,14 @@ def _download(dataset: str, root: Path) -> None:
         raise DataError("downloading needs torchvision, an optional extra: pip install "
                         "'caat-sweeper[download]' (a torchvision built for your torch)") from None
     except Exception as err:  # a CUDA/CPU build mismatch raises RuntimeError, not ImportError
-        raise DataError(f"torchvision unusable ({type(err).__name__}: {_one_line(err)})") from None
+        raise DataError(f"torchvision unusable ({type(err).__name__}: {one_line(err)})") from None
     cls = {"fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls[dataset](str(root), train=train, download=True)
     except Exception as err:
-        raise DataError(f"download into {root} failed ({_one_line(err)})") from None
+        raise DataError(f"download into {root} failed ({one_line(err)})") from None
 
 
 _T = TypeVar("_T")
@@ -199,7 +194,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"dataset.data_dir: cannot read {path} ({_one_line(err)})") from None
+        raise DataError(f"dataset.data_dir: cannot read {path} ({one_line(err)})") from None
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -313,7 +308,7 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
             raw = _ArrayUnpickler(f, encoding="latin1").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as err:
         raise DataError(f"dataset.data_dir: {path}: unreadable CIFAR batch "
-                        f"({_one_line(err)})") from None
+                        f"({one_line(err)})") from None
     if not isinstance(raw, dict):
         raise DataError(f"dataset.data_dir: {path}: expected a dict, got {type(raw).__name__}")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}

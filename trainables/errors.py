@@ -14,3 +14,12 @@ class ConfigError(ValueError):
 
 class ServiceUnavailable(ConnectionError):
     """A service named by the input (a tracking server) could not be reached."""
+
+
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """An error (or any text) as one line: libraries' messages (pyarrow, MLflow, torchvision)
+    span many, and ours must stay one line wherever they are quoted."""
+    text = " ".join(str(err).split())
+    if not text and isinstance(err, BaseException):
+        text = type(err).__name__
+    return text[:limit]

@@ -21,7 +21,7 @@ from sweeper.search._trainable import sweep_trial, trial_name
 from sweeper.signals import StopSignals
 from sweeper.spaces import SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 
 
 @dataclass
@@ -46,7 +46,7 @@ def _init_ray(address: str | None, options: SweepOptions) -> None:
                      log_to_driver=options.verbose > 0)
     except (ConnectionError, RuntimeError, ValueError) as err:
         where = f"--address: cannot connect to {address}" if address else "ray: cannot start"
-        raise ConfigError(f"{where} ({' '.join(str(err).split())[:200]})") from None
+        raise ConfigError(f"{where} ({one_line(err, 200)})") from None
 
 
 def launch(space_path: str, *, name: str | None = None, storage: str | None = None,
