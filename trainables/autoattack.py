@@ -208,23 +208,37 @@ def autoattack_metrics(aa_correct: torch.Tensor, pgd_acc: float, y: torch.Tensor
             "class_autoattack_acc": per_class.tolist()}
 
 
+def autoattack_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                      *, eps: float, version: str, targets: int, steps: int, step_size: float,
+                      batch_size: int = 250, generator: torch.Generator | None = None
+                      ) -> dict[str, Any]:
+    """AutoAttack and PGD-`steps` (random start, ``generator``) on the same (x, y): the
+    metrics of `autoattack_metrics`, PGD's own accuracy, and AutoAttack's flags."""
+    pgd = evaluate(model, x, y, num_classes, eps=eps, steps=steps, step_size=step_size,
+                   batch_size=batch_size, generator=generator)
+    res = run_autoattack(model, x, y, eps=eps, version=version, targets=targets,
+                         batch_size=batch_size)
+    out = autoattack_metrics(res.correct, pgd["robust_acc"], y, num_classes)
+    out["autoattack_natural_acc"] = pgd["natural_acc"]
+    out["autoattack_pgd_acc"] = pgd["robust_acc"]
+    out["autoattack_flag_count"] = len(res.flags)
+    out["autoattack_flags"] = res.flags
+    return out
+
+
 def evaluate_autoattack(cfg: TrialConfig, model: nn.Module, problem: Problem, *,
                         pgd_generator: torch.Generator | None = None) -> dict[str, Any]:
-    """A trial's `test_*autoattack*` metrics, `test_autoattack_indices` (positions in the
-    dataset's test split, for re-running AutoAttack on exactly those images) and
-    `test_autoattack_flags`; {} when `eval.autoattack` is none."""
+    """A trial's AutoAttack report (`autoattack_report`) with `test_` names, and
+    `test_autoattack_indices`: the positions in the dataset's test split of the images
+    attacked, for re-running AutoAttack on exactly those. {} when `eval.autoattack` is none."""
     if cfg.eval.autoattack == "none":
         return {}
     pick = stratified_subset(problem.test_y.cpu().numpy(), cfg.eval.autoattack_samples)
     on_device = torch.as_tensor(pick, device=problem.test_y.device)
-    x, y = problem.test_x[on_device], problem.test_y[on_device]
-    pgd = evaluate(model, x, y, problem.num_classes, eps=cfg.eval_eps, steps=cfg.eval.steps,
-                   step_size=cfg.eval_step_size, batch_size=cfg.eval.batch_size,
-                   generator=pgd_generator)
-    res = run_autoattack(model, x, y, eps=cfg.eval_eps, version=cfg.eval.autoattack,
-                         targets=target_count(cfg.eval), batch_size=cfg.eval.batch_size)
-    out = autoattack_metrics(res.correct, pgd["robust_acc"], y, problem.num_classes)
-    out["autoattack_flag_count"] = len(res.flags)
-    out["autoattack_flags"] = res.flags
+    out = autoattack_report(model, problem.test_x[on_device], problem.test_y[on_device],
+                            problem.num_classes, eps=cfg.eval_eps, version=cfg.eval.autoattack,
+                            targets=target_count(cfg.eval), steps=cfg.eval.steps,
+                            step_size=cfg.eval_step_size, batch_size=cfg.eval.batch_size,
+                            generator=pgd_generator)
     out["autoattack_indices"] = problem.test_idx[pick].tolist()
     return {f"test_{k}": v for k, v in out.items()}
