@@ -161,6 +161,23 @@ class EvalConfig(_Strict):
     # `final` one, or `none` (a sweep's tuning trials when confirmation runs follow: they
     # are ranked on validation, and the tables read the confirmation runs' test metrics).
     test: Literal["every", "final", "none"] = "every"
+    # AutoAttack (Croce & Hein, pyautoattack) once after the last epoch, beside PGD, on a
+    # fixed class-stratified subset of the test split (so it needs one: not with test none).
+    # `standard`: APGD-CE, APGD-T (9 targets), FAB-T, Square (5000 queries), as published;
+    # `fast`: APGD-CE and APGD-T with `autoattack_targets` targets, a few times cheaper.
+    autoattack: Literal["none", "fast", "standard"] = "none"
+    # Target classes of `fast`'s APGD-T; must be below the class count (checked on load).
+    autoattack_targets: int = Field(default=3, ge=1)
+    # Test images attacked: the same ones for every trial and seed of a test split.
+    autoattack_samples: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _autoattack_needs_test(self) -> EvalConfig:
+        if self.autoattack != "none" and self.test == "none":
+            raise ValueError(f"eval.autoattack: {self.autoattack} attacks the test split, "
+                             "which eval.test: none leaves out; set eval.test to every or "
+                             "final, or eval.autoattack to none")
+        return self
 
 
 class RuntimeConfig(_Strict):

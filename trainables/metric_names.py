@@ -26,6 +26,13 @@ EVAL_SPLITS = ("val", "test")
 AUTOATTACK_METRICS = ("test_autoattack_acc", "test_worst_class_autoattack_acc",
                       "test_pgd_autoattack_gap")
 AUTOATTACK_CLASSWISE = ("test_class_autoattack_acc",)
+# Beside them in the final report (`trainables.autoattack.evaluate_autoattack`): natural and
+# PGD accuracy on AutoAttack's images (the gap's two terms) and how many lines its checks
+# flagged (scalars); the flagged lines and the images' positions in the dataset's test
+# split (lists, not class-wise: metrics.json has them as `autoattack_flags`/`_indices`).
+AUTOATTACK_DETAILS = ("test_autoattack_natural_acc", "test_autoattack_pgd_acc",
+                      "test_autoattack_flag_count")
+AUTOATTACK_RECORDS = ("test_autoattack_flags", "test_autoattack_indices")
 # Class-wise lists (one value per class, by observed label) the trial reports every epoch; it
 # also reports each one's history as `<name>_by_epoch` (a list per epoch).
 CLASSWISE_DIAGNOSTICS = ("train_class_frac_anti", "train_class_mean_eps")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from trainables import data as data_mod
+from trainables.autoattack import check_classes as check_autoattack_classes
 from trainables.config import TrialConfig
 from trainables.errors import ConfigError
 from trainables.scenarios import Scenario, pick_test_subset, scenario_from_config
@@ -29,6 +30,9 @@ class Problem:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    # Positions of test_x's images in the dataset's test split (all of it, or the fixed
+    # subset `dataset.test_size` asks for), so results can name the images they used.
+    test_idx: np.ndarray
     num_classes: int
     augment: bool
     scenario: Scenario
@@ -50,14 +54,20 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).contiguous(memory_format=torch.channels_last)
 
 
+def evaluated_test_positions(cfg: TrialConfig, splits: data_mod.DatasetSplits) -> np.ndarray:
+    """Ascending positions in the dataset's test split of the images a trial evaluates on:
+    all of them, or the fixed subset `dataset.test_size` asks for."""
+    if cfg.dataset.test_size is None:
+        return np.arange(len(splits.test_y))
+    return pick_test_subset(splits.test_y.numpy(), splits.num_classes, cfg.dataset.test_size)
+
+
 def evaluated_test_split(cfg: TrialConfig, splits: data_mod.DatasetSplits
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test images and labels a trial evaluates on (CPU): the whole split, or the fixed
-    subset `dataset.test_size` asks for."""
+    """The test images and labels a trial evaluates on (CPU)."""
     if cfg.dataset.test_size is None:
         return splits.test_x, splits.test_y
-    keep = torch.as_tensor(pick_test_subset(splits.test_y.numpy(), splits.num_classes,
-                                            cfg.dataset.test_size))
+    keep = torch.as_tensor(evaluated_test_positions(cfg, splits))
     return splits.test_x[keep], splits.test_y[keep]
 
 
@@ -66,6 +76,8 @@ def build_problem(cfg: TrialConfig, device: torch.device,
     """Load (or take) the dataset, build the seeded scenario, move its splits to ``device``."""
     if splits is None:
         splits = data_mod.load(cfg.dataset, seed=cfg.runtime.seed)
+    # Before any training: an AutoAttack the class count rules out fails now, not at the end.
+    check_autoattack_classes(cfg.eval, splits.num_classes)
     scenario = scenario_from_config(splits.train_y.numpy(), splits.num_classes, cfg)
 
     def take(idx: np.ndarray) -> torch.Tensor:
@@ -80,5 +92,6 @@ def build_problem(cfg: TrialConfig, device: torch.device,
         meta_x=take(scenario.meta_idx), meta_y=labels(splits.train_y.numpy()[scenario.meta_idx]),
         val_x=take(scenario.val_idx), val_y=labels(splits.train_y.numpy()[scenario.val_idx]),
         test_x=to_device(test_x, device), test_y=test_y.to(device),
+        test_idx=evaluated_test_positions(cfg, splits),
         num_classes=splits.num_classes, augment=data_mod.augment_flag(cfg.dataset, splits.augment),
         scenario=scenario, splits=splits)

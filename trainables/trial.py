@@ -29,6 +29,7 @@ from torch import nn
 
 from trainables import data as data_mod
 from trainables import methods, models
+from trainables.autoattack import evaluate_autoattack
 from trainables.config import TrialConfig, validate
 from trainables.diagnostics import EpochSamples, direction_diagnostics
 from trainables.errors import ConfigError
@@ -180,6 +181,7 @@ def lr_at(schedule: str, base_lr: float, progress: float) -> float:
 
 # Independent random streams of a trial, so that e.g. evaluation never shifts batch order.
 STREAM_ORDER, STREAM_AUGMENT, STREAM_EVAL_SUBSET, STREAM_EVAL_ATTACK = 0, 1, 2, 3
+STREAM_AUTOATTACK_PGD = 4  # PGD on AutoAttack's images, for the gap between the two
 
 
 def epoch_generator(seed: int, epoch: int, stream: int, device: torch.device) -> torch.Generator:
@@ -256,7 +258,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     optimizer = make_optimizer(cfg, model)
     method = methods.build(cfg.method.name, model, cfg, method_data(problem, device))
 
-    start_epoch, history = 0, []
+    start_epoch, history, final = 0, [], None
     # Class-wise training diagnostics of every epoch (one list per epoch), for plots of
     # how a method's per-class choices evolve; the last epoch's lists are reported as such.
     by_epoch: dict[str, list[list[float]]] = {}
@@ -268,9 +270,12 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], list(state["history"])
         by_epoch = {k: list(v) for k, v in state.get("by_epoch", {}).items()}
+        final = state.get("final_metrics")
 
     n_batches = max(1, len(problem.train_y) // cfg.optim.batch_size)
-    metrics: dict[str, Any] = history[-1] if history else {}
+    # Resumed after the last epoch: its full report (class-wise lists and AutoAttack's
+    # results included) is in the checkpoint, so nothing is lost and nothing re-run.
+    metrics: dict[str, Any] = final or (history[-1] if history else {})
     for epoch in range(start_epoch, cfg.optim.epochs):
         train_stats = train_epoch(cfg, model, optimizer, method, problem, epoch, n_batches,
                                   device, progress)
@@ -282,12 +287,15 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.eval.every == 0:
             metrics.update(evaluate_splits(cfg, model, problem, epoch, full=last))
+        if last:  # AutoAttack is costly: once, on the final model, before its checkpoint
+            metrics.update(evaluate_autoattack(cfg, model, problem, pgd_generator=epoch_generator(
+                cfg.runtime.seed, epoch, STREAM_AUTOATTACK_PGD, device)))
         history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
         with tempfile.TemporaryDirectory(prefix="caat-ckpt-") as tmp:
             save_state(Path(tmp), model=model.state_dict(), optimizer=optimizer.state_dict(),
                        method=method.state_dict(), rng=rng_state(), epoch=epoch + 1,
                        history=history, by_epoch=by_epoch, config=cfg.resolved(),
-                       spec=model.spec)
+                       spec=model.spec, final_metrics=metrics if last else None)
             reporter.report(metrics, Path(tmp))
     model.eval()
     return TrialResult(metrics=metrics, history=history, model=model, problem=problem,
