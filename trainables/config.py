@@ -161,6 +161,9 @@ class EvalConfig(_Strict):
     # `final` one, or `none` (a sweep's tuning trials when confirmation runs follow: they
     # are ranked on validation, and the tables read the confirmation runs' test metrics).
     test: Literal["every", "final", "none"] = "every"
+    autoattack: Literal["none", "fast", "standard"] = "none"
+    autoattack_samples: int = Field(default=1000, ge=1)
+    autoattack_targets: int = Field(default=3, ge=1)
 
 
 class RuntimeConfig(_Strict):
