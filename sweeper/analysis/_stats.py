@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweeper.analysis._model import LOWER_IS_BETTER, METRICS, REFERENCE
+from sweeper.analysis._model import AUTOATTACK_METRICS, LOWER_IS_BETTER, METRICS, REFERENCE
 from sweeper.contract import RUN_STATES, run_state
 
 
@@ -54,6 +54,13 @@ def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFr
     if not picked:
         return runs.iloc[0:0].assign(source=pd.Series(dtype=object))
     return pd.concat(picked, ignore_index=True)
+
+
+def reported_metrics(selected: pd.DataFrame) -> tuple[str, ...]:
+    """The tables' metrics: METRICS, then each AutoAttack metric some selected run carries."""
+    carried = tuple(m for m in AUTOATTACK_METRICS if m in selected
+                    and pd.to_numeric(selected[m], errors="coerce").notna().any())
+    return (*METRICS, *carried)
 
 
 def aggregate(selected: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
