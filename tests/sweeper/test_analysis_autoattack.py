@@ -69,6 +69,9 @@ def test_autoattack_columns_and_the_alarm(store, tmp_path, capsys):
     # Differences from TRADES in the AutoAttack columns too, paired by seed.
     diff = next(line for line in md.splitlines() if line.startswith("| CAAT | 3 |"))
     assert diff.endswith("| -4.00 | -4.00 (p=0.020) | +4.00 |")
+    assert "- ERM: no AutoAttack metrics in its runs or the trades runs: AutoAttack not " \
+           "compared" in md
+    assert "have 0" not in md
 
     # The alarm: CAAT (gap 5 points) only, not TRADES (1 point); the last section of the md.
     assert md.split("\n")[-len(WARNING_SECTION):] == WARNING_SECTION
