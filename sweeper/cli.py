@@ -224,6 +224,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return EXIT_NOTHING_YET
     for note in summary.notes:
         print(f"note: {note}", file=sys.stderr)
+    if summary.masking:
+        # The same warning as summary.md's last section: nobody should miss it.
+        print(f"warning: {analysis.MASKING_TITLE}: {analysis.MASKING_TEXT}", file=sys.stderr)
+        for line in summary.masking:
+            print(f"warning: {line}", file=sys.stderr)
     n_cells = summary.selected["cell"].nunique()
     print(f"analysed {n_cells} cells ({len(summary.selected)} runs) of sweep {args.name!r}:")
     for path in files:

@@ -27,9 +27,16 @@ scripts read it):
   `frac_anti` when present, `val_*` / `test_*` as named in DESIGN.md) with step = epoch;
   none of Ray's bookkeeping keys. An epoch is logged once even when a trial re-runs it
   after a restore.
+  With `eval.autoattack` (confirmation trials), the last epoch also carries AutoAttack's
+  scalars `AUTOATTACK_REPORT_METRICS` (`test_autoattack_acc`, `test_worst_class_autoattack_acc`,
+  `test_pgd_autoattack_gap`). List-valued results are never metrics: the class-wise lists go
+  to the artifact below, `test_autoattack_indices` (which test images AutoAttack ran on) stays in
+  the trial's checkpoint and metrics.json, and `test_autoattack_flags` (strings) becomes the tag
+  `autoattack_flags` (`AUTOATTACK_FLAGS_TAG`, joined by "; ") when there are any.
 - Artifact `classwise.json` (`CLASSWISE_KEYS`): the last reported class-wise lists
   {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
-  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, and for CAAT the
+  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, AutoAttack's
+  `test_class_autoattack_acc` when the trial ran it, and for CAAT the
   training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
   (last epoch) and their histories `train_class_frac_anti_by_epoch`,
   `train_class_mean_eps_by_epoch` (one list per epoch).
@@ -51,6 +58,9 @@ from typing import TYPE_CHECKING, Any
 
 from trainables.errors import ServiceUnavailable, one_line
 from trainables.metric_names import (
+    AUTOATTACK_CLASSWISE,
+    AUTOATTACK_METRICS,
+    AUTOATTACK_RECORDS,
     CLASSWISE_DIAGNOSTICS,
     CLASSWISE_METRICS,
     EVAL_SPLITS,
@@ -209,6 +219,16 @@ SELECTION_METRICS = split_metrics("val", tuple(sorted(
                                    "robust" not in m))))
 # The test-split scalars the analysis reports per scenario x method, in table order.
 REPORT_METRICS = split_metrics("test")
+# AutoAttack's scalars (`eval.autoattack`, logged at a trial's last epoch), reported after
+# REPORT_METRICS by runs that carry them. The gap is PGD's robust accuracy minus AutoAttack's
+# on the same test images: large means gradient masking (`sweeper.analysis` warns).
+AUTOATTACK_REPORT_METRICS = AUTOATTACK_METRICS
+AUTOATTACK_ACC, _, PGD_AUTOATTACK_GAP = AUTOATTACK_METRICS
 # The lists in a trial run's classwise.json artifact.
 CLASSWISE_KEYS = (*(m for split in EVAL_SPLITS for m in split_metrics(split, CLASSWISE_METRICS)),
-                  *CLASSWISE_DIAGNOSTICS, *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
+                  *AUTOATTACK_CLASSWISE, *CLASSWISE_DIAGNOSTICS,
+                  *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
+# A run's tag listing AutoAttack's flags (the list a trial reports as `test_autoattack_flags`),
+# when it has any.
+AUTOATTACK_FLAGS_KEY, _ = AUTOATTACK_RECORDS
+AUTOATTACK_FLAGS_TAG = "autoattack_flags"

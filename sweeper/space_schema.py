@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sweeper.contract import SELECTION_METRICS
+from trainables.config import EvalConfig, validation_message
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -112,12 +113,22 @@ class SelectionSpec(_Strict):
     mode: Literal["max", "min"] = "max"
 
 
+class _EvalSection(_Strict):
+    """Checks `confirm.eval` alone: its keys and values are `eval.*` keys and values."""
+
+    eval: EvalConfig
+
+
 class ConfirmSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
     # false: tuning trials evaluate no test split (`eval.test: none`). Selection reads
     # validation only and the tables read the confirmation runs, so nobody reads those test
     # numbers; skipping them saves a final PGD evaluation per completed tuning trial.
     tune_test: bool = True
+    # `eval.*` overrides for confirmation trials only, e.g. {autoattack: fast}: AutoAttack
+    # costs several PGD evaluations, and only the confirmation runs reach the tables; tuning
+    # trials select on PGD (validation split) and never run it.
+    eval: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("seeds")
     @classmethod
@@ -126,12 +137,31 @@ class ConfirmSpec(_Strict):
             raise ValueError(f"needs distinct seeds >= 0, got {seeds}")
         return seeds
 
+    @field_validator("eval")
+    @classmethod
+    def _eval_keys(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        try:
+            _EvalSection.model_validate({"eval": overrides})
+        except ValidationError as err:
+            raise ValueError("confirm." + validation_message(err, _EvalSection)) from None
+        if overrides.get("test") == "none":
+            raise ValueError("confirm.eval.test: none would leave the confirmation runs, which "
+                             "the tables read, without test metrics; allowed: every, final")
+        return overrides
+
     @model_validator(mode="after")
     def _some_run_tests(self) -> ConfirmSpec:
         if not self.tune_test and not self.seeds:
             raise ValueError("tune_test: false needs confirmation seeds, else no run "
                              "evaluates the test split")
+        if self.eval and not self.seeds:
+            raise ValueError("confirm.eval: applies to confirmation trials only, and "
+                             "confirm.seeds is empty")
         return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The dotted trial-config keys a confirmation trial sets: {"eval.autoattack": ...}."""
+        return {f"eval.{key}": value for key, value in self.eval.items()}
 
 
 class ResourcesSpec(_Strict):

@@ -25,8 +25,13 @@ runs (see `sweeper.search`). The format, with every key and its default::
     trials_per_cell: 3           # tuning trials per cell (1 when a cell has nothing to tune)
     asha: {enabled: true, grace_period: 1, reduction_factor: 3, brackets: 1}
     selection: {metric: val_robust_acc, mode: max}
-    confirm: {seeds: [1, 2, 3], tune_test: true}  # best config of each cell re-run with
-                                 # these seeds; tune_test: false = tuning trials skip test
+    confirm:                     # the best config of each cell re-run with these seeds
+      seeds: [1, 2, 3]
+      tune_test: true            # false: tuning trials skip the test split
+      eval: {}                   # eval.* keys for confirmation trials only, e.g.
+                                 # {autoattack: fast, autoattack_samples: 300}: AutoAttack
+                                 # (none | fast | standard) on a test subset after the last
+                                 # epoch; tuning trials select on PGD and never run it
     resources: {cpu: 1, gpu: 0}  # per trial; fractional GPUs allowed
     max_concurrent: null         # cap on concurrent trials (null: as resources allow)
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
@@ -38,9 +43,11 @@ Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, hig
 step?}``, ``{type: categorical, choices: [...]}``. Search keys must be `method.*` or
 `optim.*` knobs (not `method.name`, not `optim.epochs`): scenarios, data, model and warm
 start are what defines a cell, and the budget is ASHA's. Everything is validated before a
-sweep starts: each cell's config, and each cell's config at every extreme of its space
-(bounds, midpoints, every choice), must be a valid `TrialConfig`, so a bad sweep fails at
-launch with one line (exit 2) instead of hours later in a trial.
+sweep starts: each cell's config, its confirmation config (with `confirm.eval`), and each
+cell's config at every extreme of its space (bounds, midpoints, every choice), must be a
+valid `TrialConfig`, so a bad sweep fails at launch with one line (exit 2) instead of hours
+later in a trial. AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or
+a scenario (which tuning trials would run) is refused.
 """
 
 from __future__ import annotations
@@ -120,7 +127,8 @@ class SweepPlan:
     def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None,
                      tuning: bool = False) -> dict:
         """The nested trial config of one trial: the cell's, sampled values, the seed; a
-        tuning trial skips the test split when the space says so (`confirm.tune_test`)."""
+        tuning trial skips the test split when the space says so (`confirm.tune_test`), a
+        confirmation trial takes `confirm.eval` (AutoAttack)."""
         cfg = copy.deepcopy(cell.config)
         for key, value in params.items():
             set_dotted(cfg, key, value)
@@ -128,7 +136,15 @@ class SweepPlan:
             set_dotted(cfg, "runtime.seed", seed)
         if tuning and not self.space.confirm.tune_test:
             set_dotted(cfg, "eval.test", "none")
+        if not tuning:
+            _confirm_overrides(cfg, self.space)
         return cfg
+
+
+def _confirm_overrides(cfg: dict[str, Any], space: SweepSpace) -> dict[str, Any]:
+    for key, value in space.confirm.overrides().items():
+        set_dotted(cfg, key, value)
+    return cfg
 
 
 # ---------------------------------------------------------------------------- loading
@@ -178,10 +194,35 @@ def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
                 # torch threads = the trial's CPUs (Ray reserves them; more would contend).
                 set_dotted(cell_cfg, "runtime.threads", max(1, int(space.resources.cpu)))
             cell = Cell(scenario=scenario, method=method, config=cell_cfg, space=dists)
-            _checked(cell_cfg, f"{source}: cell {cell.id}")
+            _check_tuning_eval(_checked(cell_cfg, f"{source}: cell {cell.id}"),
+                               f"{source}: cell {cell.id}")
+            _check_confirm(cell, space, source)
             _probe(cell, source)
             cells.append(cell)
     return cells
+
+
+def _check_tuning_eval(cfg: Mapping[str, Any], where: str) -> None:
+    """AutoAttack in a tuning trial would cost several PGD evaluations that nobody reads:
+    selection ranks on PGD (validation split), the tables read the confirmation runs."""
+    mode = validate(cfg).eval.autoattack
+    if mode != "none":
+        raise ConfigError(f"{where}: eval.autoattack: {mode} would run in tuning trials too; "
+                          "ask for AutoAttack in confirmation trials only, under "
+                          f"confirm.eval (confirm: {{eval: {{autoattack: {mode}}}}})")
+
+
+def _check_confirm(cell: Cell, space: SweepSpace, source: str) -> None:
+    """A confirmation trial's config, with `confirm.eval`, must be valid too."""
+    if not space.confirm.eval:
+        return
+    try:
+        validate(_confirm_overrides(copy.deepcopy(cell.config), space))
+    except ConfigError as err:
+        text = str(err)
+        # Name the space's key (`confirm.eval.autoattack`) when the config names its own.
+        name = f"confirm.{text}" if text.startswith("eval.") else f"confirm.eval: {text}"
+        raise ConfigError(f"{source}: cell {cell.id}: {name}") from None
 
 
 def _check_methods(space: SweepSpace, source: str) -> None:

@@ -35,7 +35,15 @@ from sweeper import _write_queue as wq
 from sweeper import contract
 from sweeper import storage as st
 from sweeper._write_queue import pending_path
-from sweeper.contract import CLASSWISE_KEYS, PARENT_TAG, TRIAL_TAGS, experiment_name, open_client
+from sweeper.contract import (
+    AUTOATTACK_FLAGS_KEY,
+    AUTOATTACK_FLAGS_TAG,
+    CLASSWISE_KEYS,
+    PARENT_TAG,
+    TRIAL_TAGS,
+    experiment_name,
+    open_client,
+)
 from sweeper.restore import choose_fallback
 from trainables.errors import ConfigError, one_line
 
@@ -55,7 +63,8 @@ MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
 
 
 def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
-    """The trial metrics in a Ray result: run_trial's scalars, without Ray's keys."""
+    """The trial metrics in a Ray result: run_trial's scalars, without Ray's keys. Anything
+    else (lists such as `test_autoattack_indices`, strings) is no MLflow metric: skipped."""
     out = {}
     for key, value in result.items():
         if key in RAY_KEYS or key.startswith("config/") or isinstance(value, bool):
@@ -65,7 +74,15 @@ def metrics_of(result: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-# Error and restore notes as tags: one line, short enough to read in the MLflow UI's table.
+def flags_text(value: Any) -> str | None:
+    """AutoAttack's flags (a list of strings, or one string) as one tag value; None when
+    there are none."""
+    flags = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    text = "; ".join(str(f) for f in flags if str(f).strip())
+    return one_line(text, TAG_CHARS) if text else None
+
+
+# Error, restore and flag notes as tags: one line, short enough to read in the MLflow UI.
 TAG_CHARS = 500
 
 
@@ -275,12 +292,15 @@ class TrackingCallback(Callback):
         ts = int(result.get("timestamp", time.time()) * 1000)
         self._put(trial, wq.log_epoch(trial.trial_id, step, metrics_of(result), ts))
         self._last_step[trial.trial_id] = step
+        self._tag_flags(trial, result)
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Trial, checkpoint,
                       **info) -> None:
-        data = _read_classwise(checkpoint)
+        lists = _read_lists(checkpoint)
+        data = _classwise_of(lists)
         if data:
             self._classwise[trial.trial_id] = data
+        self._tag_flags(trial, lists)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         self._put(trial, wq.set_tag(trial.trial_id, "retries", str(trial.num_failures)))
@@ -311,7 +331,15 @@ class TrackingCallback(Callback):
         self.queue.put(op)
 
     def _last_classwise(self, trial: Trial) -> dict | None:
-        return self._classwise.get(trial.trial_id) or _read_classwise(trial.checkpoint)
+        return (self._classwise.get(trial.trial_id)
+                or _classwise_of(_read_lists(trial.checkpoint)))
+
+    def _tag_flags(self, trial: Trial, source: Mapping[str, Any] | None) -> None:
+        # The trial's list-valued results reach the driver through its checkpoint (lists),
+        # a string one through its result: either way AutoAttack's flags become one tag.
+        text = flags_text((source or {}).get(AUTOATTACK_FLAGS_KEY))
+        if text:
+            self._put(trial, wq.set_tag(trial.trial_id, AUTOATTACK_FLAGS_TAG, text))
 
 
 def end_sweep_run(tracker: Tracker, parent_run_id: str, status: str, queue_path: str) -> int:
@@ -362,7 +390,9 @@ def trial_params(config: Mapping[str, Any], sweep_key: str) -> dict[str, Any]:
     return resolved_params({k: v for k, v in config.items() if k != sweep_key})
 
 
-def _read_classwise(checkpoint) -> dict | None:
+def _read_lists(checkpoint) -> dict | None:
+    """The list-valued results of a trial's checkpoint (its classwise.json: every list the
+    trial reported, `test_autoattack_indices` and `test_autoattack_flags` included)."""
     if checkpoint is None:
         return None
     try:
@@ -370,7 +400,14 @@ def _read_classwise(checkpoint) -> dict | None:
             data = json.loads(f.readall())
     except (OSError, ValueError):
         return None
-    return {k: data[k] for k in CLASSWISE_KEYS if k in data} or None
+    return data if isinstance(data, dict) else None
+
+
+def _classwise_of(lists: Mapping[str, Any] | None) -> dict | None:
+    """What of those goes to MLflow's classwise.json: the contract's CLASSWISE_KEYS only."""
+    if not lists:
+        return None
+    return {k: lists[k] for k in CLASSWISE_KEYS if k in lists} or None
 
 
 def error_reason(trial: Trial) -> str:

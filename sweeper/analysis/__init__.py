@@ -10,10 +10,13 @@ Data flow, each step a small function on a plain DataFrame so that it can be tes
                              frac_anti_noisy / _clean, anti_noisy_auc), tidy; with
                              class_direction_table (classwise.json's per-class anti share and
                              bound, by epoch) the input of the caat_directions plots
-    aggregate            ->  mean / std / n over seeds per scenario x method x metric
+    aggregate            ->  mean / std / n over seeds per scenario x method x metric (the
+                             test metrics, then AutoAttack's when selected runs carry them)
     paired_tests         ->  each method minus the reference (TRADES), paired by seed
     pareto_front         ->  methods whose (natural, robust) no other method dominates
     summarize            ->  the tidy summary (one row per scenario x method x metric) + notes
+                             + the masking alarm: cells whose mean PGD - AutoAttack gap
+                             exceeds MASKING_GAP (end of summary.md / .html, and stderr)
     write_outputs        ->  summary.csv / .md / .tex / .html, classwise.csv, selected_runs.csv,
                              and the PNG plots: tradeoff.png, classwise_<scenario>.png,
                              vs_<factor>.png, caat_directions_<scenario>.png (CAAT's anti share
@@ -57,6 +60,7 @@ from sweeper.analysis._load import (
     runs_frame,
 )
 from sweeper.analysis._model import (
+    AUTOATTACK_METRICS,
     LOWER_IS_BETTER,
     METHOD_LABELS,
     METHOD_ORDER,
@@ -91,12 +95,18 @@ from sweeper.analysis._stats import (
     paired_tests,
     pareto_by_scenario,
     pareto_front,
+    reported_metrics,
     select_runs,
 )
 from sweeper.analysis._summary import (
+    CLASSWISE_KINDS,
+    MASKING_GAP,
+    MASKING_TEXT,
+    MASKING_TITLE,
     classwise_table,
     coverage_notes,
     describe_scenario,
+    masking_alarms,
     nothing_message,
     scenario_table,
     summarize,
@@ -104,18 +114,19 @@ from sweeper.analysis._summary import (
 from sweeper.contract import DEFAULT_SELECTION_METRIC
 
 __all__ = [
-    "CIFAR10_CLASSES", "CLASS_DIRECTION_COLUMNS", "CLASS_DIRECTION_KEYS",
-    "DEFAULT_SELECTION_METRIC", "DIRECTION_COLUMNS", "DIRECTION_METHOD", "DIRECTION_METRICS",
-    "FACTORS", "FASHION_MNIST_CLASSES", "LOWER_IS_BETTER", "METHOD_LABELS", "METHOD_ORDER",
-    "METRICS", "METRIC_LABELS", "NA", "REFERENCE", "SCENARIO_PARAMS", "NothingToAnalyse",
-    "Summary", "SweepNotFound", "SweepRuns", "aggregate", "analyze", "best_flags",
-    "class_direction_table", "class_means_at_last", "class_means_by_epoch", "class_names",
-    "classwise_table", "coverage", "coverage_notes", "describe_scenario", "direction_frame",
-    "direction_means", "direction_tables", "empty_class_directions", "empty_directions",
-    "factor_series", "load_classwise", "load_directions", "load_sweep", "method_key",
+    "AUTOATTACK_METRICS", "CIFAR10_CLASSES", "CLASSWISE_KINDS", "CLASS_DIRECTION_COLUMNS",
+    "CLASS_DIRECTION_KEYS", "DEFAULT_SELECTION_METRIC", "DIRECTION_COLUMNS", "DIRECTION_METHOD",
+    "DIRECTION_METRICS", "FACTORS", "FASHION_MNIST_CLASSES", "LOWER_IS_BETTER", "MASKING_GAP",
+    "MASKING_TEXT", "MASKING_TITLE", "METHOD_LABELS", "METHOD_ORDER", "METRICS",
+    "METRIC_LABELS", "NA", "NothingToAnalyse", "REFERENCE", "SCENARIO_PARAMS", "Summary",
+    "SweepNotFound", "SweepRuns", "aggregate", "analyze", "best_flags", "class_direction_table",
+    "class_means_at_last", "class_means_by_epoch", "class_names", "classwise_table", "coverage",
+    "coverage_notes", "describe_scenario", "direction_frame", "direction_means",
+    "direction_tables", "empty_class_directions", "empty_directions", "factor_series",
+    "load_classwise", "load_directions", "load_sweep", "masking_alarms", "method_key",
     "method_label", "normalise_runs", "nothing_message", "paired_test", "paired_tests",
     "pareto_by_scenario", "pareto_front", "plot_caat_directions", "plot_classwise",
-    "plot_tradeoff", "plot_vs_factor", "runs_frame", "safe_name", "save_scenario_figure",
-    "scenario_table", "select_runs", "summarize", "tex_escape", "to_html", "to_latex",
-    "to_markdown", "varied_factors", "write_outputs", "write_plots",
+    "plot_tradeoff", "plot_vs_factor", "reported_metrics", "runs_frame", "safe_name",
+    "save_scenario_figure", "scenario_table", "select_runs", "summarize", "tex_escape",
+    "to_html", "to_latex", "to_markdown", "varied_factors", "write_outputs", "write_plots",
 ]

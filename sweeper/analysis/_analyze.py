@@ -7,7 +7,7 @@ from pathlib import Path
 from sweeper.analysis._direction_plots import plot_caat_directions
 from sweeper.analysis._directions import load_directions
 from sweeper.analysis._load import load_classwise, load_sweep
-from sweeper.analysis._model import METRICS, REFERENCE, Summary
+from sweeper.analysis._model import REFERENCE, Summary
 from sweeper.analysis._plots import (
     plot_classwise,
     plot_tradeoff,
@@ -49,7 +49,7 @@ def write_outputs(summary: Summary, out: str | Path, title: str = "") -> list[Pa
     summary.classwise.to_csv(out / "classwise.csv", index=False, float_format="%.10g")
     files.append(out / "classwise.csv")
     cols = [c for c in ("scenario", "method", "seed", "source", "phase", "trial_id", "run_id",
-                        *METRICS) if c in summary.selected]
+                        *summary.metrics) if c in summary.selected]
     summary.selected[cols].to_csv(out / "selected_runs.csv", index=False, float_format="%.10g")
     files.append(out / "selected_runs.csv")
     plots = write_plots(summary, out)

@@ -9,13 +9,22 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from sweeper.analysis._directions import empty_class_directions, empty_directions
-from sweeper.contract import DEFAULT_SELECTION_METRIC, REPORT_METRICS
+from sweeper.contract import (
+    AUTOATTACK_REPORT_METRICS,
+    DEFAULT_SELECTION_METRIC,
+    PGD_AUTOATTACK_GAP,
+    REPORT_METRICS,
+)
 from trainables.errors import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order.
 METRICS = REPORT_METRICS
+# AutoAttack's, reported after METRICS only when some selected run carries them (a sweep
+# without AutoAttack renders as it always did).
+AUTOATTACK_METRICS = AUTOATTACK_REPORT_METRICS
 # Best per column is the largest accuracy but the smallest spread / gap.
-LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error"})
+LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error",
+                             PGD_AUTOATTACK_GAP})
 
 REFERENCE = "trades"
 
@@ -58,6 +67,10 @@ class Summary:
     # CAAT's direction diagnostics of the selected runs: per-epoch metrics and per-class lists.
     directions: pd.DataFrame = field(default_factory=empty_directions)
     class_directions: pd.DataFrame = field(default_factory=empty_class_directions)
+    # The metrics the tables show, in order: METRICS, then AutoAttack's when runs carry them.
+    metrics: tuple[str, ...] = METRICS
+    # One line per cell whose PGD - AutoAttack gap says gradient masking (`masking_alarms`).
+    masking: list[str] = field(default_factory=list)
 
 
 def method_key(method: str) -> tuple[int, str]:

@@ -13,7 +13,12 @@ import numpy as np
 import pandas as pd
 
 from sweeper.analysis._model import METHOD_ORDER, Summary, method_key, method_label
-from sweeper.analysis._summary import describe_scenario
+from sweeper.analysis._summary import CLASSWISE_KINDS, describe_scenario
+
+# The class-wise plot's panels: natural and robust (PGD) always, AutoAttack where runs ran it.
+_PANEL_TITLES = {"natural": "Natural test accuracy per class",
+                 "robust": "Robust test accuracy per class",
+                 "autoattack": "AutoAttack test accuracy per class (its test subset)"}
 
 FASHION_MNIST_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Boot")
@@ -124,7 +129,7 @@ def class_names(dataset: Any, num_classes: int) -> list[str]:
 
 
 def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
-    """Per-class natural and robust test accuracy, grouped bars per method."""
+    """Per-class natural and robust (and AutoAttack) test accuracy, grouped bars per method."""
     import matplotlib.pyplot as plt
 
     data = summary.classwise[summary.classwise["scenario"].eq(scenario)]
@@ -136,19 +141,21 @@ def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
     srow = summary.scenarios.set_index("scenario").loc[scenario]
     names = class_names(srow.get("dataset"), num_classes)
     width = 0.8 / len(methods)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * num_classes + 2), 7.5), sharex=True)
+    kinds = [k for k in CLASSWISE_KINDS if k != "autoattack" or data["kind"].eq(k).any()]
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(8.0, 0.9 * num_classes + 2),
+                                                     3.75 * len(kinds)), sharex=True)
     xs = np.arange(num_classes)
-    for ax, kind in zip(axes, ("natural", "robust"), strict=True):
+    for ax, kind in zip(axes, kinds, strict=True):
         for i, method in enumerate(methods):
             rows = data[data["method"].eq(method) & data["kind"].eq(kind)]
             values = np.full(num_classes, np.nan)
             values[rows["class"].to_numpy(int)] = 100 * rows["mean"].to_numpy(float)
             ax.bar(xs + (i - (len(methods) - 1) / 2) * width, values, width,
                    color=styles[method]["color"], label=method_label(method))
-        ax.set_ylabel(f"{kind} accuracy (%)")
+        ax.set_ylabel(f"{kind} accuracy (%)" if kind != "autoattack" else "AutoAttack (%)")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-        ax.set_title(f"{kind.capitalize()} test accuracy per class", fontsize=11, loc="left")
+        ax.set_title(_PANEL_TITLES[kind], fontsize=11, loc="left")
     axes[-1].set_xticks(xs, names, rotation=30 if num_classes > 6 else 0, ha="right"
                         if num_classes > 6 else "center")
     axes[-1].set_xlabel("class")

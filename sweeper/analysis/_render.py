@@ -9,13 +9,21 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from sweeper.analysis._model import METRICS, Summary, method_key, method_label
-from sweeper.analysis._summary import describe_scenario
+from sweeper.analysis._model import (
+    AUTOATTACK_METRICS,
+    METRICS,
+    Summary,
+    method_key,
+    method_label,
+)
+from sweeper.analysis._summary import MASKING_TEXT, MASKING_TITLE, describe_scenario
 
-# Column headers of METRICS, in order.
-METRIC_LABELS = dict(zip(METRICS, ("natural", "robust", "worst-class natural",
-                                   "worst-class robust", "class std", "boundary error"),
-                         strict=True))
+# Column headers of METRICS and AUTOATTACK_METRICS, in order.
+METRIC_LABELS = {
+    **dict(zip(METRICS, ("natural", "robust", "worst-class natural", "worst-class robust",
+                         "class std", "boundary error"), strict=True)),
+    **dict(zip(AUTOATTACK_METRICS, ("AutoAttack", "worst-class AutoAttack", "PGD-AA gap"),
+               strict=True))}
 # Shown in every table when a value cannot be computed; the notes say why.
 NA = "n/a"
 
@@ -75,14 +83,14 @@ def _blocks(summary: Summary) -> list[_Block]:
             block.pareto.append(bool(rows["pareto"].iloc[0]))
             block.cells.append([(_pct(rows.at[m, "mean"]), _pct(rows.at[m, "std"]),
                                  bool(rows.at[m, "best"])) if m in rows.index else (NA, NA, False)
-                                for m in METRICS])
+                                for m in summary.metrics])
             if method == ref:
                 continue
             block.diff_methods.append(method)
             block.diff_pairs.append(str(int(rows["n_pairs"].iloc[0]))
                                     if not pd.isna(rows["n_pairs"].iloc[0]) else "0")
             block.diffs.append([(_signed_pct(rows.at[m, diff_col]), _p(rows.at[m, "p"]))
-                                if m in rows.index else (NA, NA) for m in METRICS])
+                                if m in rows.index else (NA, NA) for m in summary.metrics])
             for note in sorted({n for n in rows["test_note"].dropna() if n}):
                 by_note.setdefault(note, []).append(method_label(method))
         block.diff_notes = [f"{', '.join(names)}: {note}" for note, names in by_note.items()]
@@ -94,16 +102,29 @@ def _value(mean: str, std: str) -> str:
     return mean if std == NA or mean == NA else f"{mean} ± {std}"
 
 
-def _headers() -> list[str]:
-    return [METRIC_LABELS[m] for m in METRICS]
+def _headers(summary: Summary) -> list[str]:
+    return [METRIC_LABELS[m] for m in summary.metrics]
 
 
 def _caption(summary: Summary) -> str:
-    return ("Test-set metrics in %: mean ± std over seeds (n runs). Best per column in bold "
+    text = ("Test-set metrics in %: mean ± std over seeds (n runs). Best per column in bold "
             "(highest accuracy; lowest class std and boundary error). † = on the scenario's "
             "natural-vs-robust Pareto front. Differences from "
             f"{method_label(summary.reference)} are in percentage points, paired by seed, "
             "with the paired t-test's p-value.")
+    if any(m in AUTOATTACK_METRICS for m in summary.metrics):
+        text += (" AutoAttack: accuracy under AutoAttack on a fixed test subset; PGD-AA gap: "
+                 "PGD's robust accuracy minus AutoAttack's on that subset (lowest in bold; "
+                 "a large one means gradient masking).")
+    return text
+
+
+def _masking_lines(summary: Summary) -> list[str]:
+    """The masking alarm as Markdown, at the end of summary.md (nothing when none)."""
+    if not summary.masking:
+        return []
+    return ([f"## Warning: {MASKING_TITLE}", "", MASKING_TEXT, ""]
+            + [f"- {line}" for line in summary.masking] + [""])
 
 
 def to_markdown(summary: Summary, title: str = "") -> str:
@@ -111,8 +132,8 @@ def to_markdown(summary: Summary, title: str = "") -> str:
     ref = method_label(summary.reference)
     for b in _blocks(summary):
         lines += [f"## {b.scenario}" + (f" ({b.description})" if b.description else ""), ""]
-        lines.append("| method | n | " + " | ".join(_headers()) + " |")
-        lines.append("|---|---:|" + "---:|" * len(METRICS))
+        lines.append("| method | n | " + " | ".join(_headers(summary)) + " |")
+        lines.append("|---|---:|" + "---:|" * len(summary.metrics))
         for i, method in enumerate(b.methods):
             name = method_label(method) + (" †" if b.pareto[i] else "")
             vals = [(f"**{_value(m, s)}**" if best else _value(m, s)) for m, s, best in b.cells[i]]
@@ -120,8 +141,8 @@ def to_markdown(summary: Summary, title: str = "") -> str:
         lines.append("")
         if b.has_diffs:
             lines += [f"Difference from {ref} (pp; p of the paired t-test):", ""]
-            lines.append("| method | pairs | " + " | ".join(_headers()) + " |")
-            lines.append("|---|---:|" + "---:|" * len(METRICS))
+            lines.append("| method | pairs | " + " | ".join(_headers(summary)) + " |")
+            lines.append("|---|---:|" + "---:|" * len(summary.metrics))
             for method, pairs, diffs in zip(b.diff_methods, b.diff_pairs, b.diffs, strict=True):
                 vals = [d if p == NA else f"{d} ({p})" for d, p in diffs]
                 lines.append(f"| {method_label(method)} | {pairs} | " + " | ".join(vals) + " |")
@@ -131,7 +152,7 @@ def to_markdown(summary: Summary, title: str = "") -> str:
             lines += [f"- {prefix}{n}" for n in b.diff_notes] + [""]
     if summary.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in summary.notes] + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + _masking_lines(summary))
 
 
 _TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -145,9 +166,9 @@ def tex_escape(text: str) -> str:
 
 def to_latex(summary: Summary, title: str = "") -> str:
     """Two booktabs tables (results; differences from the reference), one block per scenario."""
-    ncol = 2 + len(METRICS)
+    ncol = 2 + len(summary.metrics)
     spec = "l" + "r" * (ncol - 1)
-    head = " & ".join(["Method", "$n$"] + [tex_escape(h) for h in _headers()]) + r" \\"
+    head = " & ".join(["Method", "$n$"] + [tex_escape(h) for h in _headers(summary)]) + r" \\"
     blocks = _blocks(summary)
     ref = method_label(summary.reference)
 
@@ -193,6 +214,8 @@ def to_latex(summary: Summary, title: str = "") -> str:
     # file still compiles as is.
     notes = [f"{b.scenario}: {n}" for b in blocks for n in b.diff_notes] + summary.notes
     out += [f"% note: {n}" for n in notes]
+    out += [f"% warning: {w}" for w in ([f"{MASKING_TITLE}: {MASKING_TEXT}"] if summary.masking
+                                        else []) + summary.masking]
     return "\n".join(out) + "\n"
 
 
@@ -209,7 +232,7 @@ def to_html(summary: Summary, title: str = "", plots: Sequence[str] = ()) -> str
              "thead th{border-bottom:2px solid #333}img{max-width:100%;margin:1em 0}"
              ".note{color:#555}</style></head><body>",
              f"<h1>{esc(title or 'Summary')}</h1>", f"<p>{esc(_caption(summary))}</p>"]
-    head = "".join(f"<th>{esc(h)}</th>" for h in ["method", "n", *_headers()])
+    head = "".join(f"<th>{esc(h)}</th>" for h in ["method", "n", *_headers(summary)])
     for b in _blocks(summary):
         parts.append(f"<h2>{esc(b.scenario)}"
                      + (f" <small>({esc(b.description)})</small>" if b.description else "")
@@ -240,5 +263,9 @@ def to_html(summary: Summary, title: str = "", plots: Sequence[str] = ()) -> str
     if plots:
         parts.append("<h2>Plots</h2>")
         parts += [f"<img src='{esc(p)}' alt='{esc(p)}'>" for p in plots]
+    if summary.masking:
+        parts.append(f"<div class='warning' style='color:#a00'><h2>Warning: "
+                     f"{esc(MASKING_TITLE)}</h2><p>{esc(MASKING_TEXT)}</p><ul>"
+                     + "".join(f"<li>{esc(w)}</li>" for w in summary.masking) + "</ul></div>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweeper.analysis._model import LOWER_IS_BETTER, METRICS, REFERENCE
+from sweeper.analysis._model import AUTOATTACK_METRICS, LOWER_IS_BETTER, METRICS, REFERENCE
 from sweeper.contract import RUN_STATES, run_state
 
 
@@ -54,6 +54,11 @@ def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFr
     if not picked:
         return runs.iloc[0:0].assign(source=pd.Series(dtype=object))
     return pd.concat(picked, ignore_index=True)
+
+
+def reported_metrics(selected: pd.DataFrame) -> tuple[str, ...]:
+    """The tables' metrics: METRICS, then each AutoAttack metric some selected run carries."""
+    return (*METRICS, *(m for m in AUTOATTACK_METRICS if _has(selected, m)))
 
 
 def aggregate(selected: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
@@ -115,11 +120,21 @@ def paired_tests(selected: pd.DataFrame, reference: str = REFERENCE,
                     # another cell's best run by seed would be an invented comparison.
                     res = {**empty, "note": "no confirmation runs (one best tuning run per "
                                             "cell): paired test not applicable"}
+                elif metric in AUTOATTACK_METRICS and not (_has(runs, metric)
+                                                           and _has(ref, metric)):
+                    # Say why plainly, not as "0 pairs": these runs did not run AutoAttack.
+                    res = {**empty, "note": "no AutoAttack metrics in its runs or the "
+                                            f"{reference} runs: AutoAttack not compared"}
                 else:
                     res = paired_test(_by_seed(runs, metric), _by_seed(ref, metric))
                 rows.append({"scenario": scenario, "method": method, "metric": metric, **res})
     return pd.DataFrame(rows, columns=["scenario", "method", "metric", "mean_diff", "t", "p",
                                        "n_pairs", "note"])
+
+
+def _has(runs: pd.DataFrame, metric: str) -> bool:
+    """Whether some run carries a value of `metric`."""
+    return metric in runs and bool(pd.to_numeric(runs[metric], errors="coerce").notna().any())
 
 
 def _by_seed(runs: pd.DataFrame, metric: str) -> pd.Series:

@@ -8,7 +8,6 @@ import pandas as pd
 
 from sweeper.analysis._directions import direction_tables
 from sweeper.analysis._model import (
-    METRICS,
     REFERENCE,
     NothingToAnalyse,
     Summary,
@@ -22,9 +21,22 @@ from sweeper.analysis._stats import (
     coverage,
     paired_tests,
     pareto_by_scenario,
+    reported_metrics,
     select_runs,
 )
-from sweeper.contract import RUN_STATES
+from sweeper.contract import AUTOATTACK_ACC, PGD_AUTOATTACK_GAP, RUN_STATES
+
+# The masking alarm: a cell whose PGD robust accuracy exceeds its AutoAttack accuracy on the
+# same test images by more than this (a fraction, mean over seeds). AutoAttack is the
+# stronger attack, so a point or so below PGD is expected of any model; several points mean
+# PGD's gradients mislead it (gradient masking), and its number overstates robustness.
+MASKING_GAP = 0.03
+MASKING_TITLE = "possible gradient masking"
+MASKING_TEXT = (f"In these cells PGD's robust accuracy exceeds AutoAttack's on the same test "
+                f"images by more than {100 * MASKING_GAP:g} points (mean over seeds). "
+                "AutoAttack's authors (Croce and Hein, ICML 2020) describe such a gap as the "
+                "sign of gradient masking: PGD overstates the robustness of these models. "
+                "Read their robustness from the AutoAttack columns.")
 
 
 def scenario_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -78,11 +90,12 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
         raise NothingToAnalyse(nothing_message(cov, runs))
     notes.extend(coverage_notes(cov, selected))
 
-    agg = aggregate(selected)
+    metrics = reported_metrics(selected)
+    agg = aggregate(selected, metrics)
     agg["best"] = best_flags(agg)
     front = pareto_by_scenario(agg)
     agg = agg.merge(front[["scenario", "method", "pareto"]], on=["scenario", "method"])
-    tests = paired_tests(selected, reference)
+    tests = paired_tests(selected, reference, metrics)
     tidy = agg.merge(tests, on=["scenario", "method", "metric"], how="left")
     tidy["n_pairs"] = tidy["n_pairs"].astype("Int64")
     is_ref = tidy["method"].eq(reference)
@@ -99,8 +112,9 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     order_s = {s: i for i, s in enumerate(scenarios["scenario"])}
     tidy["_s"] = tidy["scenario"].map(order_s)
     tidy["_m"] = tidy["method"].map(method_key)
-    tidy["_k"] = tidy["metric"].map(METRICS.index)
+    tidy["_k"] = tidy["metric"].map(metrics.index)
     tidy = tidy.sort_values(["_s", "_m", "_k"]).drop(columns=["_s", "_m", "_k"])
+    masking = masking_alarms(tidy)
     columns = ["scenario", "noise_type", "noise_rate", "imbalance_ratio", "method", "metric",
                "mean", "std", "n", "source", "best", "pareto", "mean_diff", "t", "p", "n_pairs",
                "note"]
@@ -110,7 +124,26 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     directions, class_directions = direction_tables(sweep, selected)
     return Summary(tidy=tidy, selected=selected, scenarios=scenarios, classwise=classwise,
                    notes=notes, reference=reference, directions=directions,
-                   class_directions=class_directions)
+                   class_directions=class_directions, metrics=metrics, masking=masking)
+
+
+def masking_alarms(tidy: pd.DataFrame) -> list[str]:
+    """One line per cell (in table order) whose mean PGD - AutoAttack gap exceeds
+    MASKING_GAP: 'clean/caat: PGD 45.00% vs AutoAttack 40.00% ...'."""
+    means = tidy.set_index(["scenario", "method", "metric"])["mean"]
+    lines = []
+    for row in tidy[tidy["metric"].eq(PGD_AUTOATTACK_GAP)].itertuples():
+        gap = row.mean
+        # Strictly above; the tolerance keeps a mean of exactly 3 points from tripping it.
+        if pd.isna(gap) or gap <= MASKING_GAP + 1e-9:
+            continue
+        aa = means.get((row.scenario, row.method, AUTOATTACK_ACC), np.nan)
+        pgd, aa_text = ("n/a", "n/a") if pd.isna(aa) else (f"{100 * (aa + gap):.2f}%",
+                                                           f"{100 * aa:.2f}%")
+        runs = "1 run" if row.n == 1 else f"mean of {row.n} runs"
+        lines.append(f"{row.scenario}/{row.method}: PGD {pgd} vs AutoAttack {aa_text} on the "
+                     f"same test images, a gap of {100 * gap:.2f} points ({runs})")
+    return lines
 
 
 def nothing_message(cov: pd.DataFrame, runs: pd.DataFrame) -> str:
@@ -150,6 +183,10 @@ def coverage_notes(cov: pd.DataFrame, selected: pd.DataFrame) -> list[str]:
     return notes
 
 
+# The per-class test accuracies classwise.csv and the class-wise plots show.
+CLASSWISE_KINDS = ("natural", "robust", "autoattack")
+
+
 def classwise_table(selected: pd.DataFrame,
                     classwise: dict[str, dict[str, list[float]]]) -> pd.DataFrame:
     """Mean per-class test accuracies over a cell's selected runs (runs without the artifact
@@ -159,7 +196,8 @@ def classwise_table(selected: pd.DataFrame,
         lists = [classwise[r] for r in group["run_id"] if r in classwise]
         if not lists:
             continue
-        for kind in ("natural", "robust"):
+        # AutoAttack's lists exist only where runs ran it: no rows (and no panel) otherwise.
+        for kind in CLASSWISE_KINDS:
             key = f"test_class_{kind}_acc"
             arrays = [np.asarray(c[key], float) for c in lists if key in c]
             if not arrays or len({a.shape for a in arrays}) != 1:

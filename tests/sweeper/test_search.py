@@ -29,7 +29,10 @@ from sweeper.storage import check_shared
 from sweeper.tracking import Tracker
 from trainables.config import flatten, validate
 from trainables.errors import ConfigError
+from trainables.metric_names import AUTOATTACK_CLASSWISE
 
+# What a trial without AutoAttack (`eval.autoattack: none`) puts in classwise.json.
+WITHOUT_AUTOATTACK = [k for k in CLASSWISE_KEYS if k not in AUTOATTACK_CLASSWISE]
 CELL_ERM, CELL_TRADES = "pair-0.2_ir-1_eps-0.1/erm", "pair-0.2_ir-1_eps-0.1/trades"
 METRIC_NAMES = {"train_loss", "train_samples_per_s"} | {
     f"{split}_{m}" for split in ("val", "test")
@@ -286,7 +289,8 @@ def test_params_metrics_and_classwise_artifact(tiny_sweep):
                                           str(tiny_sweep.root / run.info.run_id))
         classwise = json.loads(Path(local).read_text())
         # ERM and TRADES: the evaluation lists only (CAAT adds its training diagnostics).
-        assert set(classwise) == {k for k in CLASSWISE_KEYS if k.startswith(("val_", "test_"))}
+        assert set(classwise) == {k for k in WITHOUT_AUTOATTACK
+                                  if k.startswith(("val_", "test_"))}
         assert all(len(v) == 3 and all(0 <= a <= 1 for a in v) for v in classwise.values())
 
 
@@ -393,6 +397,6 @@ def test_caat_diagnostics_reach_mlflow_as_metrics(ray_local, tmp_path):
     assert 0 <= run.data.metrics["anti_noisy_auc"] <= 1
     local = tracker.client.download_artifacts(run.info.run_id, "classwise.json", str(tmp_path))
     classwise = json.loads(Path(local).read_text())
-    assert set(classwise) == set(CLASSWISE_KEYS)
+    assert set(classwise) == set(WITHOUT_AUTOATTACK)
     assert len(classwise["train_class_frac_anti_by_epoch"]) == 3
     assert classwise["train_class_frac_anti_by_epoch"][-1] == classwise["train_class_frac_anti"]

@@ -62,6 +62,64 @@ def test_tuning_trials_skip_the_test_split_only_when_asked():
         assert confirm["eval"].get("test", "every") == "every"
 
 
+AA = {"autoattack": "fast", "autoattack_samples": 300}
+
+
+def _eval(cfg: dict) -> dict:
+    """AutoAttack's settings in a trial config (a searcher's, with its sweep entry, too)."""
+    from sweeper.search import SWEEP_KEY
+
+    trial = validate({k: v for k, v in cfg.items() if k != SWEEP_KEY})
+    return trial.eval.model_dump(include={"autoattack", "autoattack_samples"})
+
+
+def test_confirm_eval_reaches_confirmation_trials_only():
+    from sweeper.search import SWEEP_KEY, CellSearcher
+
+    plan = parse_space(tiny_space(confirm={"seeds": [1, 2], "tune_test": False, "eval": AA}))
+    assert plan.space.confirm.overrides() == {"eval.autoattack": "fast",
+                                              "eval.autoattack_samples": 300}
+    cell = plan.cells[0]
+    assert _eval(plan.trial_config(cell, {}, None, tuning=True)) == {
+        "autoattack": "none", "autoattack_samples": 1000}
+    assert _eval(plan.trial_config(cell, {"optim.lr": 0.05}, 1)) == AA
+    # The searcher's path: tuning trials first, then each cell's confirmation trials.
+    searcher = CellSearcher(plan)
+    tuning = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert {c[SWEEP_KEY]["phase"] for c in tuning} == {"tune"}
+    assert all(_eval(c)["autoattack"] == "none" and c["eval"]["test"] == "none" for c in tuning)
+    for i in range(4):
+        searcher.on_trial_complete(f"t{i}", {"epoch": 3, "val_robust_acc": 0.1 * i})
+    confirm = [searcher.suggest(f"c{i}") for i in range(4)]
+    assert [c[SWEEP_KEY]["phase"] for c in confirm] == ["confirm"] * 4
+    assert all(_eval(c) == AA and c["eval"].get("test", "every") == "every" for c in confirm)
+    assert sorted(c["runtime"]["seed"] for c in confirm) == [1, 1, 2, 2]
+
+
+def test_a_space_without_confirm_eval_gives_the_configs_it_always_gave():
+    # What a sweep launched before `confirm.eval` resumes with (its manifest's space text).
+    text = yaml.safe_dump(tiny_space())
+    plan = parse_space(yaml.safe_load(text), text=text)
+    assert plan.space.confirm.eval == {} and plan.space.confirm.overrides() == {}
+    for tuning in (True, False):
+        cfg = plan.trial_config(plan.cells[0], {}, 1, tuning=tuning)
+        assert cfg == {**plan.cells[0].config, "runtime": {**plan.cells[0].config["runtime"],
+                                                           "seed": 1}}
+
+
+@pytest.mark.parametrize("name, mode, samples", [
+    ("quick.yaml", "fast", 100), ("cifar10_noise.yaml", "standard", 1000),
+    ("cifar10_imbalance.yaml", "standard", 1000), ("cifar10_bounds.yaml", "standard", 1000)])
+def test_shipped_spaces_run_autoattack_in_confirmation_only(name, mode, samples):
+    plan = load_space(SPACES / name)
+    for cell in plan.cells:
+        tune = validate(plan.trial_config(cell, {}, None, tuning=True)).eval
+        confirm = validate(plan.trial_config(cell, {}, plan.space.confirm.seeds[0])).eval
+        assert tune.autoattack == "none"
+        assert (confirm.autoattack, confirm.autoattack_samples) == (mode, samples)
+        assert confirm.test != "none"
+
+
 def test_cells_expand_with_ids_spaces_and_fixed_values():
     space = tiny_space(
         scenarios=[{"noise_type": "pair", "noise_rate": 0.4},
@@ -197,6 +255,22 @@ BAD = [
     ("no run tests", _edit(("confirm",), {"seeds": [], "tune_test": False}),
      "confirm: tune_test: false needs confirmation seeds"),
     ("bad sweep name", _edit(("name",), "my sweep"), "name: String should match pattern"),
+    ("unknown confirm.eval key", _edit(("confirm",), {"seeds": [1], "eval": {"autoatack": "fast"}}),
+     "space.yaml: confirm.eval.autoatack: unknown key; allowed: autoattack, autoattack_samples, "
+     "autoattack_targets, batch_size, eps, every, max_samples, step_size, steps, test"),
+    ("bad confirm.eval value", _edit(("confirm",), {"seeds": [1], "eval": {"autoattack": "full"}}),
+     "space.yaml: confirm.eval.autoattack: allowed: 'none', 'fast' or 'standard'"),
+    ("confirm.eval out of range", _edit(("confirm",), {"eval": {"autoattack_samples": 0}}),
+     "space.yaml: confirm.eval.autoattack_samples: Input should be greater than or equal to 1"),
+    ("confirmation without test", _edit(("confirm",), {"eval": {"test": "none"}}),
+     "space.yaml: confirm.eval.test: none would leave the confirmation runs, which the tables "
+     "read, without test metrics; allowed: every, final"),
+    ("confirm.eval without seeds", _edit(("confirm",), {"seeds": [], "eval": {"steps": 5}}),
+     "space.yaml: confirm.eval: applies to confirmation trials only, and confirm.seeds is empty"),
+    ("autoattack in tuning", _edit(("base", "eval", "autoattack"), "fast"),
+     "space.yaml: cell pair-0.2_ir-1_eps-0.1/erm: eval.autoattack: fast would run in tuning "
+     "trials too; ask for AutoAttack in confirmation trials only, under confirm.eval (confirm: "
+     "{eval: {autoattack: fast}})"),
     ("missing data", _edit(("base", "dataset"), {"name": "cifar10",
                                                   "data_dir": "/nonexistent/cifar"}),
      "dataset.data_dir: no "),

@@ -131,6 +131,43 @@ def test_a_restarted_driver_finds_runs_by_trial_id_and_logs_each_epoch_once(tmp_
     assert sorted(m.step for m in history) == [1, 2, 3]
 
 
+def test_autoattack_scalars_are_metrics_its_lists_are_not(tmp_path):
+    from pyarrow.fs import LocalFileSystem
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "")
+    callback = TrackingCallback(uri, "t", parent, SWEEP_KEY)
+    trial = _fake_trial("aa")
+    callback.on_trial_start(0, [], trial)
+    aa = {"test_autoattack_acc": 0.31, "test_worst_class_autoattack_acc": 0.12,
+          "test_pgd_autoattack_gap": 0.05}
+    # The last epoch's result, with list- and string-valued keys a trial may put there.
+    callback.on_trial_result(0, [], trial, {"epoch": 3, "train_loss": 0.2, **aa,
+                                            "test_autoattack_indices": [4, 8, 15],
+                                            "autoattack_version": "fast"})
+    # What reaches the driver through the checkpoint: every list the trial reported.
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    lists = {"test_class_robust_acc": [0.4, 0.5], "test_class_autoattack_acc": [0.3, 0.32],
+             "test_autoattack_indices": [4, 8, 15],
+             "test_autoattack_flags": ["subset: 3 of 1000 asked"]}
+    (ckpt / "classwise.json").write_text(json.dumps(lists))
+    callback.on_checkpoint(0, [], trial, SimpleNamespace(filesystem=LocalFileSystem(),
+                                                         path=str(ckpt)))
+    trial.last_result = {"epoch": 3}
+    callback.on_trial_complete(0, [], trial)
+
+    tracker = Tracker(uri, "t")
+    run = tracker.trial_runs()[0]
+    assert run.data.metrics == {"train_loss": 0.2, **aa}
+    assert all(m.step == 3 for k in aa for m in tracker.client.get_metric_history(
+        run.info.run_id, k))
+    assert run.data.tags["autoattack_flags"] == "subset: 3 of 1000 asked"
+    local = tracker.client.download_artifacts(run.info.run_id, "classwise.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == {
+        "test_class_robust_acc": [0.4, 0.5], "test_class_autoattack_acc": [0.3, 0.32]}
+
+
 def test_end_of_session_deletes_unknown_trials_and_closes_running_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = Tracker(uri, "t").start_parent("val_robust_acc", "max", "")
