@@ -20,9 +20,13 @@ ANALYSIS_DIR ?= runs/analysis/$(SWEEP)
 
 setup: $(VENV)/.installed data
 
+# torchattacks: a second AutoAttack implementation, for one slow cross-check test only;
+# without its dependencies, since it pins requests~=2.25.1 (which MLflow's cannot share) and
+# needs nothing beyond torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $@
 
 # The installed torch is the one TORCH_SPEC names, and a CPU build on a machine without a GPU.
