@@ -28,7 +28,7 @@ scripts read it):
   none of Ray's bookkeeping keys. An epoch is logged once even when a trial re-runs it
   after a restore.
   With `eval.autoattack` (confirmation trials), the last epoch also carries AutoAttack's
-  scalars `AUTOATTACK_REPORT_METRICS` (`test_autoattack_acc`, `test_worst_class_autoattack_acc`,
+  scalars `AUTOATTACK_METRICS` (`test_autoattack_acc`, `test_worst_class_autoattack_acc`,
   `test_pgd_autoattack_gap`). List-valued results are never metrics: the class-wise lists go
   to the artifact below, `test_autoattack_indices` (which test images AutoAttack ran on) stays in
   the trial's checkpoint and metrics.json, and `test_autoattack_flags` (strings) becomes the tag
@@ -222,7 +222,6 @@ REPORT_METRICS = split_metrics("test")
 # AutoAttack's scalars (`eval.autoattack`, logged at a trial's last epoch), reported after
 # REPORT_METRICS by runs that carry them. The gap is PGD's robust accuracy minus AutoAttack's
 # on the same test images: large means gradient masking (`sweeper.analysis` warns).
-AUTOATTACK_REPORT_METRICS = AUTOATTACK_METRICS
 AUTOATTACK_ACC, _, PGD_AUTOATTACK_GAP = AUTOATTACK_METRICS
 # The lists in a trial run's classwise.json artifact.
 CLASSWISE_KEYS = (*(m for split in EVAL_SPLITS for m in split_metrics(split, CLASSWISE_METRICS)),

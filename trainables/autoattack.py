@@ -27,6 +27,7 @@ from trainables.attacks import eval_mode
 from trainables.config import EvalConfig, TrialConfig
 from trainables.errors import ConfigError
 from trainables.metrics import class_accuracy, evaluate
+from trainables.scenarios import class_ranks
 
 if TYPE_CHECKING:
     from trainables.problem import Problem
@@ -70,11 +71,7 @@ def stratified_subset(labels: Any, n: int) -> np.ndarray:
     y = np.asarray(labels, dtype=np.int64)
     quota = balanced_quota(np.bincount(y), n)
     keys = np.random.default_rng(_SUBSET_SEED).random(y.size)
-    order = np.lexsort((keys, y))  # by class, then by key
-    rank = np.empty(y.size, dtype=np.int64)
-    starts = np.searchsorted(y[order], y[order])
-    rank[order] = np.arange(y.size) - starts
-    return np.flatnonzero(rank < quota[y])
+    return np.flatnonzero(class_ranks(y, keys) < quota[y])
 
 
 # ------------------------------------------------------------------------------ config

@@ -179,7 +179,7 @@ def build_scenario(labels: Any, num_classes: int, *, noise_type: str, noise_rate
     # One key per pool sample per stage, drawn up front: each stage's choice depends only on
     # its own stream, so other settings cannot shift it (see the module docstring).
     split_keys = _stream(seed, _SPLIT).random(n)
-    rank = _class_ranks(y, split_keys)
+    rank = class_ranks(y, split_keys)
     meta_mask = rank < meta_per_class
     val_mask = (rank >= meta_per_class) & (rank < meta_per_class + val_per_class)
     pool = np.flatnonzero(~(meta_mask | val_mask))
@@ -191,7 +191,7 @@ def build_scenario(labels: Any, num_classes: int, *, noise_type: str, noise_rate
     keep = np.minimum(imbalance_counts(int(pool_counts.max()), num_classes, imbalance_ratio),
                       pool_counts)
     imb_keys = _stream(seed, _IMBALANCE).random(n)
-    train_idx = pool[_class_ranks(y[pool], imb_keys[pool]) < keep[y[pool]]]
+    train_idx = pool[class_ranks(y[pool], imb_keys[pool]) < keep[y[pool]]]
 
     clean = y[train_idx]
     clean_counts = np.bincount(clean, minlength=num_classes)
@@ -252,7 +252,7 @@ def transition_matrix(clean: np.ndarray, observed: np.ndarray, num_classes: int)
     return np.where(totals > 0, counts / np.maximum(totals, 1.0), eye)
 
 
-def _class_ranks(labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def class_ranks(labels: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Each sample's rank among the samples of its class, ordered by ``keys``."""
     order = np.lexsort((keys, labels))
     sorted_labels = labels[order]
@@ -282,7 +282,7 @@ def _subsample(pool: np.ndarray, y: np.ndarray, num_classes: int, train_size: in
         raise ScenarioError(f"dataset.train_size: {train_size} is more than the {pool.size} "
                             "training samples left after the meta/val splits")
     quota = _proportional_quota(counts, train_size)
-    return pool[_class_ranks(y[pool], keys[pool]) < quota[y[pool]]]
+    return pool[class_ranks(y[pool], keys[pool]) < quota[y[pool]]]
 
 
 def _proportional_quota(counts: np.ndarray, total: int) -> np.ndarray:
@@ -301,7 +301,7 @@ def _corrupt(clean: np.ndarray, train_idx: np.ndarray, y: np.ndarray, num_classe
     # Corruption order: random keys drawn for the whole pool, so the order within a class
     # does not depend on which samples the earlier stages kept.
     pick_keys = _stream(seed, _NOISE_PICK).random(y.size)
-    rank = _class_ranks(clean, pick_keys[train_idx])
+    rank = class_ranks(clean, pick_keys[train_idx])
     k = noisy_counts(np.bincount(clean, minlength=num_classes), noise_rate)
     chosen = rank < k[clean]
     observed = clean.copy()

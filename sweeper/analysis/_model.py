@@ -10,7 +10,6 @@ import pandas as pd
 
 from sweeper.analysis._directions import empty_class_directions, empty_directions
 from sweeper.contract import (
-    AUTOATTACK_REPORT_METRICS,
     DEFAULT_SELECTION_METRIC,
     PGD_AUTOATTACK_GAP,
     REPORT_METRICS,
@@ -19,9 +18,6 @@ from trainables.errors import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order.
 METRICS = REPORT_METRICS
-# AutoAttack's, reported after METRICS only when some selected run carries them (a sweep
-# without AutoAttack renders as it always did).
-AUTOATTACK_METRICS = AUTOATTACK_REPORT_METRICS
 # Best per column is the largest accuracy but the smallest spread / gap.
 LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error",
                              PGD_AUTOATTACK_GAP})

@@ -6,6 +6,7 @@ one run, in its final state, with every epoch it reached."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -122,17 +123,28 @@ def _check_every_trial_logged_once(uri: str, sweep_dir: Path) -> None:
     assert tracker.client.get_run(manifest["parent_run_id"]).info.status == "FINISHED"
 
 
-def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
-                                                                   private_ray_env):
+@contextlib.contextmanager
+def _outage(tmp_path: Path, space: dict, env: dict):
+    """A sweep launched against a live tracking server, which is stopped once the first
+    epoch is logged: yields (server, driver, sweep dir) with the server down; the driver's
+    processes are gone afterwards."""
     server = MlflowServer(tmp_path)
     server.start()
-    # `mlflow server` takes 10-40 s to start again: the sweep must outlast that.
-    driver = _launch(tmp_path, _space("blip", epochs=6, n_train=20000), server,
-                     private_ray_env)
-    sweep_dir = tmp_path / "runs" / "blip"
+    driver = _launch(tmp_path, space, server, env)
     try:
         _wait(lambda: server.epochs_logged() >= 1, 300, "epoch logged", driver)
         server.stop()
+        yield server, driver, tmp_path / "runs" / space["name"]
+    finally:
+        if driver.poll() is None or session_pids(driver.pid):
+            kill_session(driver)
+
+
+def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
+                                                                   private_ray_env):
+    # `mlflow server` takes 10-40 s to start again: the sweep must outlast that.
+    space = _space("blip", epochs=6, n_train=20000)
+    with _outage(tmp_path, space, private_ray_env) as (server, driver, sweep_dir):
         reported = _epochs_reported(sweep_dir)
         # The sweep goes on without the server: trials report epochs meanwhile.
         _wait(lambda: _epochs_reported(sweep_dir) >= reported + 2, 120,
@@ -140,9 +152,6 @@ def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
         server.start()
         assert driver.poll() is None, "the sweep ended before the server came back"
         driver.wait(timeout=300)
-    finally:
-        if driver.poll() is None or session_pids(driver.pid):
-            kill_session(driver)
     log = (tmp_path / "driver.log").read_text()
     try:
         assert driver.returncode == 0, log[-3000:]
@@ -156,18 +165,9 @@ def test_a_server_restarted_mid_sweep_gets_every_queued_write_once(tmp_path,
 
 def test_a_server_down_until_the_end_is_caught_up_by_sync(tmp_path,
                                                           private_ray_env):
-    server = MlflowServer(tmp_path)
-    server.start()
-    driver = _launch(tmp_path, _space("outage", epochs=4, n_train=10000), server,
-                     private_ray_env)
-    sweep_dir = tmp_path / "runs" / "outage"
-    try:
-        _wait(lambda: server.epochs_logged() >= 1, 300, "epoch logged", driver)
-        server.stop()
+    space = _space("outage", epochs=4, n_train=10000)
+    with _outage(tmp_path, space, private_ray_env) as (server, driver, sweep_dir):
         driver.wait(timeout=300)
-    finally:
-        if driver.poll() is None or session_pids(driver.pid):
-            kill_session(driver)
     log = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, log[-3000:]
     awaiting = [ln for ln in log.splitlines() if "await `caat-sweep sync outage`" in ln]
