@@ -60,7 +60,6 @@ from sweeper.analysis._load import (
     runs_frame,
 )
 from sweeper.analysis._model import (
-    AUTOATTACK_METRICS,
     LOWER_IS_BETTER,
     METHOD_LABELS,
     METHOD_ORDER,
@@ -111,7 +110,7 @@ from sweeper.analysis._summary import (
     scenario_table,
     summarize,
 )
-from sweeper.contract import DEFAULT_SELECTION_METRIC
+from sweeper.contract import AUTOATTACK_METRICS, DEFAULT_SELECTION_METRIC
 
 __all__ = [
     "AUTOATTACK_METRICS", "CIFAR10_CLASSES", "CLASSWISE_KINDS", "CLASS_DIRECTION_COLUMNS",

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sweeper.analysis._model import (
-    AUTOATTACK_METRICS,
     METRICS,
     Summary,
     method_key,
     method_label,
 )
 from sweeper.analysis._summary import MASKING_TEXT, MASKING_TITLE, describe_scenario
+from sweeper.contract import AUTOATTACK_METRICS
 
 # Column headers of METRICS and AUTOATTACK_METRICS, in order.
 METRIC_LABELS = {

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweeper.analysis._model import AUTOATTACK_METRICS, LOWER_IS_BETTER, METRICS, REFERENCE
-from sweeper.contract import RUN_STATES, run_state
+from sweeper.analysis._model import LOWER_IS_BETTER, METRICS, REFERENCE
+from sweeper.contract import AUTOATTACK_METRICS, RUN_STATES, run_state
 
 
 def coverage(runs: pd.DataFrame) -> pd.DataFrame:
