@@ -131,7 +131,7 @@ def test_metric_names_derive_from_trainables_metric_names():
         "test_class_robust_acc", "test_class_autoattack_acc", "train_class_frac_anti",
         "train_class_mean_eps", "train_class_frac_anti_by_epoch",
         "train_class_mean_eps_by_epoch")
-    assert contract.AUTOATTACK_REPORT_METRICS == (
+    assert contract.AUTOATTACK_METRICS == (
         "test_autoattack_acc", "test_worst_class_autoattack_acc", "test_pgd_autoattack_gap")
     assert (contract.AUTOATTACK_ACC, contract.PGD_AUTOATTACK_GAP) == (
         "test_autoattack_acc", "test_pgd_autoattack_gap")
