@@ -140,7 +140,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return search.launch(args.space, name=args.name, storage=args.storage,
                          tracking_uri=args.tracking_uri, address=args.address,
                          options=search.SweepOptions(verbose=0 if args.quiet else 1),
-                         force=args.force)
+                         force=args.force, optuna_storage=args.optuna_storage)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_arg(p)
     p.add_argument("--force", action="store_true",
                    help="run a space with more trials than its max_trials (default 10000)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="database of the cells' Optuna studies, one per cell named by its id "
+                        "(any URL Optuna's RDBStorage takes, e.g. postgresql://user@host/db; "
+                        "needed when --storage is not a local directory; default: "
+                        "STORAGE/NAME/optuna.db)")
     _address_arg(p)
     p.set_defaults(func=cmd_launch)
 

@@ -11,16 +11,20 @@ scripts read it):
   `Callback` running in the driver process), never trial workers: SQLite has one writer, and
   the driver sees every trial's results, errors and restarts.
 - One parent run: run name = sweep name; tags `sweep`=<name>, `role`=`parent`,
-  `metric`=<selection metric>, `mode`=`max`|`min`; artifact `space.yaml` (the space file
-  as launched).
+  `metric`=<selection metric (the primary one of several)>, `mode`=`max`|`min`,
+  `objectives` (`OBJECTIVES_TAG`: every objective, "metric:mode,..."), `optuna_storage`
+  (`OPTUNA_STORAGE_TAG`: the RDB URL of the cells' Optuna studies, one per cell, named by
+  the cell id); artifact `space.yaml` (the space file as launched).
 - One child run per Ray trial (tuning and confirmation), nested under the parent
   (`PARENT_TAG`); run name = trial id; tags `sweep`, `role`=`trial`, `trial_id`, the sweep
   entry's `TRIAL_TAGS`: `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`),
-  `scenario`, `method`, `seed`, `phase` (`tune` | `confirm`); `outcome` (`OUTCOMES`, set when
-  the trial ends) and, for failed trials, `error` (one line); `retries` when Ray Tune
-  restarted the trial from its checkpoint after a failure; `restore` when a resume found the
-  trial's recorded checkpoint missing or corrupt and continued from an intact one or from
-  scratch (`sweeper/restore.py`), with `error` naming the corrupt file.
+  `scenario`, `method`, `seed`, `phase` (`tune` | `confirm`); on confirmation runs
+  `tuned_by` (`TUNED_BY_TAG`: the tuning trial whose config they re-run); `outcome`
+  (`OUTCOMES`, set when the trial ends) and, for failed trials, `error` (one line);
+  `retries` when Ray Tune restarted the trial from its checkpoint after a failure;
+  `restore` when a resume found the trial's recorded checkpoint missing or corrupt and
+  continued from an intact one or from scratch (`sweeper/restore.py`), with `error` naming
+  the corrupt file.
 - Params: the flattened resolved trial config (dotted keys such as `scenario.noise_rate`,
   `method.eps`, from `TrialConfig.resolved()` + `trainables.config.flatten`), logged once.
 - Metrics: the per-epoch scalars `run_trial` reports (`train_loss`, `train_samples_per_s`,
@@ -148,6 +152,23 @@ EXPERIMENT_PREFIX = "caat-sweep/"
 PARENT_TAG = "mlflow.parentRunId"
 # A trial run's tags taken from its sweep entry (besides `sweep`, `role` and `trial_id`).
 TRIAL_TAGS = ("cell", "scenario", "method", "seed", "phase")
+# On confirmation runs: the Ray trial id of the tuning trial whose config they re-run (a
+# multi-objective cell confirms several configs; this tells their runs apart).
+TUNED_BY_TAG = "tuned_by"
+# On the parent run: every objective as "metric:mode,metric:mode" (the `metric`/`mode`
+# tags hold the primary one), and the RDB URL of the cells' Optuna studies.
+OBJECTIVES_TAG = "objectives"
+OPTUNA_STORAGE_TAG = "optuna_storage"
+
+
+def format_objectives(objectives: list[tuple[str, str]]) -> str:
+    return ",".join(f"{metric}:{mode}" for metric, mode in objectives)
+
+
+def parse_objectives(tag: str) -> list[tuple[str, str]]:
+    """(metric, mode) pairs of an OBJECTIVES_TAG value (pure)."""
+    pairs = [item.split(":") for item in tag.split(",") if item]
+    return [(metric, mode) for metric, mode in pairs]
 PARENT_FILTER = "tags.role = 'parent'"
 TRIAL_FILTER = "tags.role = 'trial'"
 

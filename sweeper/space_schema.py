@@ -108,9 +108,87 @@ class AshaSpec(_Strict):
     brackets: int = Field(default=1, ge=1)
 
 
+SelectionMetric = Literal[SELECTION_METRICS]  # type: ignore[valid-type]
+Mode = Literal["max", "min"]
+
+
+class Bound(_Strict):
+    """A constraint on one validation metric: a floor, a ceiling or both."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("needs `min`, `max` or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"needs min <= max, got min={self.min} max={self.max}")
+        return self
+
+    def violation(self, value: float) -> float:
+        """How far `value` lies outside the bound; <= 0 inside (Optuna's constraint sign)."""
+        over = [self.min - value] if self.min is not None else []
+        over += [value - self.max] if self.max is not None else []
+        return max(over)
+
+
 class SelectionSpec(_Strict):
-    metric: Literal[SELECTION_METRICS] = "val_robust_acc"  # type: ignore[valid-type]
-    mode: Literal["max", "min"] = "max"
+    """What a cell's tuning optimises: one metric (`metric`, `mode`) or two or three
+    (`metrics`, `modes`: a multi-objective study and a Pareto set of configs to confirm)."""
+
+    metric: SelectionMetric | None = None
+    mode: Mode | None = None
+    metrics: list[SelectionMetric] | None = Field(default=None, min_length=2, max_length=3)
+    modes: list[Mode] | None = None
+    # The objective ASHA stops trials on (multi-objective); default: the first.
+    prune_on: SelectionMetric | None = None
+    # Validation metrics a config must keep within bounds, e.g. {val_natural_acc: {min: 0.7}}.
+    constraints: dict[SelectionMetric, Bound] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SelectionSpec:
+        if self.metrics is not None:
+            if self.metric is not None or self.mode is not None:
+                raise ValueError("give either metric/mode or metrics/modes, not both")
+            if len(set(self.metrics)) != len(self.metrics):
+                raise ValueError(f"metrics: lists a metric twice: {self.metrics}")
+            modes = self.modes or ["max"] * len(self.metrics)
+            if len(modes) != len(self.metrics):
+                raise ValueError(f"modes: needs one per metric ({len(self.metrics)}), got "
+                                 f"{len(modes)}")
+            self.modes = modes
+            if self.prune_on is not None and self.prune_on not in self.metrics:
+                raise ValueError(f"prune_on: {self.prune_on} is not one of the metrics "
+                                 f"({', '.join(self.metrics)})")
+            return self
+        if self.modes is not None or self.prune_on is not None:
+            raise ValueError("modes and prune_on go with `metrics` (two or three)")
+        self.metric = self.metric or "val_robust_acc"
+        self.mode = self.mode or "max"
+        return self
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) of each objective, in order."""
+        if self.metrics is not None:
+            return list(zip(self.metrics, self.modes or [], strict=True))
+        return [(self.metric, self.mode)]  # type: ignore[list-item]
+
+    @property
+    def multi(self) -> bool:
+        return self.metrics is not None
+
+    @property
+    def primary(self) -> tuple[str, str]:
+        """(metric, mode) ASHA stops on, and that ranks configs where one must be picked."""
+        metric = self.prune_on or self.objectives[0][0]
+        return metric, dict(self.objectives)[metric]
+
+    def violations(self, values: dict[str, float]) -> list[float]:
+        """Each constraint's violation (<= 0: satisfied); a missing value violates."""
+        return [bound.violation(values[m]) if m in values else math.inf
+                for m, bound in self.constraints.items()]
 
 
 class _EvalSection(_Strict):
@@ -129,6 +207,9 @@ class ConfirmSpec(_Strict):
     # costs several PGD evaluations, and only the confirmation runs reach the tables; tuning
     # trials select on PGD (validation split) and never run it.
     eval: dict[str, Any] = Field(default_factory=dict)
+    # How many configs per cell are confirmed: the best one (single objective), or up to
+    # this many of the Pareto set, spread along the front (default 3 with `metrics`).
+    top_k: int | None = Field(default=None, ge=1)
 
     @field_validator("seeds")
     @classmethod
@@ -180,6 +261,10 @@ class ResourcesSpec(_Strict):
 class OptunaSpec(_Strict):
     seed: int = Field(default=0, ge=0)
     n_startup_trials: int = Field(default=10, ge=0)  # random trials before TPE models
+    # tpe: (multi-objective) TPE; nsga2: NSGA-II (multi-objective only); random: the
+    # baseline of benchmarks/search_efficiency.py.
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    population_size: int = Field(default=10, ge=2)  # NSGA-II's generation size
 
 
 class SweepSpace(_Strict):
@@ -205,6 +290,21 @@ class SweepSpace(_Strict):
     # More trials than this is refused at launch (`--force` lets it through): a typo such as
     # trials_per_cell: 1000000000 would start a sweep whose confirmation never comes.
     max_trials: int = Field(default=10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _search_fits_selection(self) -> SweepSpace:
+        sel = self.selection
+        if self.optuna.sampler == "nsga2" and not sel.multi:
+            raise ValueError("optuna.sampler: nsga2 is for two or three objectives "
+                             "(selection.metrics); allowed with one metric: tpe, random")
+        if not sel.multi and (self.confirm.top_k or 1) > 1:
+            raise ValueError("confirm.top_k: one metric confirms one config per cell; "
+                             "top_k > 1 needs selection.metrics")
+        return self
+
+    @property
+    def top_k(self) -> int:
+        return self.confirm.top_k or (3 if self.selection.multi else 1)
 
     @field_validator("methods")
     @classmethod

@@ -45,7 +45,7 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
 
     plan = parse_space(yaml.safe_load(manifest.space_text) or {}, text=manifest.space_text,
                        source=manifest.space_source, name=manifest.name)
-    sel = plan.space.selection
+    metric, mode = plan.space.selection.primary
     rows = {(c.id, phase): CellRow(c.id, phase) for c in plan.cells
             for phase in ("tune", "confirm")}
     check_reachable(manifest.tracking_uri)  # one line now, not minutes of client retries
@@ -54,11 +54,11 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
         row = rows.setdefault((tags.get("cell"), tags.get("phase")),
                               CellRow(tags.get("cell", "?"), tags.get("phase", "?")))
         row.counts[run_state(run.info.status, tags.get("outcome"))] += 1
-        value = run.data.metrics.get(sel.metric)
+        value = run.data.metrics.get(metric)
         if tags.get("outcome") == "completed" and value is not None and not math.isnan(value):
             row.values.append(value)
     return SweepStatus(manifest.name, manifest.state, manifest.sweep_dir,
-                       manifest.tracking_uri, sel.metric, sel.mode, list(rows.values()),
+                       manifest.tracking_uri, metric, mode, list(rows.values()),
                        pending=pending_count(manifest.sweep_dir, manifest.name))
 
 

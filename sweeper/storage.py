@@ -104,14 +104,40 @@ class Manifest:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     state: str = "running"  # running | done
+    # Where the cells' Optuna studies live (an RDB URL; study name = cell id).
+    optuna_storage: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sweep_dir(self) -> str:
         return join(self.storage, self.name)
 
+    @property
+    def studies_url(self) -> str:
+        """The RDB URL of the sweep's Optuna studies (`study_storage`)."""
+        return self.optuna_storage or study_storage(self.sweep_dir)
+
     def save(self) -> None:
         write_bytes(join(self.sweep_dir, MANIFEST), json.dumps(asdict(self), indent=2).encode())
+
+
+OPTUNA_DB = "optuna.db"
+
+
+def study_storage(sweep_dir: str, given: str | None = None) -> str:
+    """The RDB URL of a sweep's Optuna studies: `given` (--optuna-storage: any SQLAlchemy
+    URL Optuna's RDBStorage takes, for clusters), else an SQLite file in a local sweep's
+    directory. Every study is one cell's, named by the cell id."""
+    if given:
+        if "://" not in given:
+            raise ConfigError(f"--optuna-storage: {given!r} is not a database URL; e.g. "
+                              "sqlite:///path/optuna.db or postgresql://user@host/db")
+        return given
+    if is_uri(sweep_dir):
+        raise ConfigError(f"--optuna-storage: the sweep's storage {sweep_dir} is not a local "
+                          "directory, so its Optuna studies need a database every node can "
+                          "reach; pass --optuna-storage postgresql://... or mysql://...")
+    return f"sqlite:///{Path(sweep_dir) / OPTUNA_DB}"
 
 
 def sweep_exists(storage: str, name: str) -> bool:

@@ -41,6 +41,7 @@ from sweeper.contract import (
     CLASSWISE_KEYS,
     PARENT_TAG,
     TRIAL_TAGS,
+    TUNED_BY_TAG,
     experiment_name,
     open_client,
 )
@@ -131,7 +132,8 @@ class Tracker:
 
     # -- parent run
 
-    def start_parent(self, metric: str, mode: str, space_text: str) -> str:
+    def start_parent(self, metric: str, mode: str, space_text: str,
+                     extra_tags: Mapping[str, str] | None = None) -> str:
         exp = self.experiment_id(create=True)
         found = self.client.search_runs([exp], contract.PARENT_FILTER, max_results=1)
         if found:
@@ -139,7 +141,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id
         run = self.client.create_run(exp, run_name=self.sweep, tags={
-            "sweep": self.sweep, "role": "parent", "metric": metric, "mode": mode})
+            "sweep": self.sweep, "role": "parent", "metric": metric, "mode": mode,
+            **(extra_tags or {})})
         self.client.log_text(run.info.run_id, space_text, "space.yaml")
         return run.info.run_id
 
@@ -381,7 +384,10 @@ def pending_writes(sweep_dir: str, sweep: str) -> int:
 
 
 def _tags(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: entry[k] for k in TRIAL_TAGS}
+    tags = {k: entry[k] for k in TRIAL_TAGS}
+    if entry.get(TUNED_BY_TAG):
+        tags[TUNED_BY_TAG] = entry[TUNED_BY_TAG]
+    return tags
 
 
 def trial_params(config: Mapping[str, Any], sweep_key: str) -> dict[str, Any]:

@@ -9,7 +9,12 @@ from pathlib import Path
 
 from sweeper import storage as st
 from sweeper import tracking
-from sweeper.contract import resolve_tracking_uri
+from sweeper.contract import (
+    OBJECTIVES_TAG,
+    OPTUNA_STORAGE_TAG,
+    format_objectives,
+    resolve_tracking_uri,
+)
 from sweeper.lock import SweepLock
 from sweeper.restore import quiet_deleted_checkpoints, resilient
 from sweeper.search._faults import FAULT_ENV, FailRule, parse_fault_rules
@@ -51,7 +56,8 @@ def _init_ray(address: str | None, options: SweepOptions) -> None:
 
 def launch(space_path: str, *, name: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, address: str | None = None,
-           options: SweepOptions | None = None, force: bool = False) -> int:
+           options: SweepOptions | None = None, force: bool = False,
+           optuna_storage: str | None = None) -> int:
     """`caat-sweep launch`: check everything, then run a new sweep to its end.
 
     Every check that can fail on bad input comes before the first write to storage or
@@ -67,8 +73,10 @@ def launch(space_path: str, *, name: str | None = None, storage: str | None = No
     tracking_uri = resolve_tracking_uri(tracking_uri)
     faults = parse_fault_rules(os.environ.get(FAULT_ENV))
     st.check_writable(storage)
+    studies_url = st.study_storage(st.join(storage, plan.name), optuna_storage)
     with SweepLock(storage, plan.name), StopSignals() as stop:
-        return _launch(plan, storage, tracking_uri, address, faults, options, stop)
+        return _launch(plan, storage, tracking_uri, address, faults, options, stop,
+                       studies_url)
 
 
 def check_size(plan: SweepPlan) -> None:
@@ -82,7 +90,8 @@ def check_size(plan: SweepPlan) -> None:
 
 
 def _launch(plan: SweepPlan, storage: str, tracking_uri: str, address: str | None,
-            faults: list[FailRule], options: SweepOptions, stop: StopSignals) -> int:
+            faults: list[FailRule], options: SweepOptions, stop: StopSignals,
+            studies_url: str) -> int:
     if st.sweep_exists(storage, plan.name):
         raise ConfigError(f"--name: a sweep {plan.name!r} exists in {storage}; continue it "
                           f"with `caat-sweep resume {plan.name}` or choose another --name")
@@ -92,16 +101,39 @@ def _launch(plan: SweepPlan, storage: str, tracking_uri: str, address: str | Non
     if tracker.has_runs():
         raise ConfigError(f"--name: MLflow experiment 'caat-sweep/{plan.name}' at "
                           f"{tracking_uri} already has runs; choose another --name")
+    check_study_storage(studies_url, plan)
     _init_ray(address, options)
     st.check_shared(storage)
-    parent = tracker.start_parent(plan.space.selection.metric, plan.space.selection.mode,
-                                  plan.text)
+    parent = _start_parent(tracker, plan, studies_url)
     manifest = st.Manifest(name=plan.name, storage=storage, tracking_uri=tracking_uri,
                            space_text=plan.text, space_source=plan.source, address=address,
                            experiment_id=tracker.experiment_id(), parent_run_id=parent,
+                           optuna_storage=studies_url,
                            extra={"space_path": str(Path(plan.source).resolve())})
     manifest.save()
     return _run(plan, manifest, tracker, datasets, faults, options, stop, restore=False)
+
+
+def _start_parent(tracker: Tracker, plan: SweepPlan, studies_url: str) -> str:
+    sel = plan.space.selection
+    metric, mode = sel.primary
+    return tracker.start_parent(metric, mode, plan.text, {
+        OBJECTIVES_TAG: format_objectives(sel.objectives), OPTUNA_STORAGE_TAG: studies_url})
+
+
+def check_study_storage(url: str, plan: SweepPlan) -> None:
+    """The Optuna storage answers and holds no study of this sweep's cells yet (a database
+    shared with another sweep of the same cells would mix their trials)."""
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    except Exception as err:  # SQLAlchemy's errors are many and long
+        raise ConfigError(f"--optuna-storage: cannot open {url} ({one_line(err, 200)})") from None
+    if clash := sorted(names & {c.id for c in plan.cells if c.space}):
+        raise ConfigError(f"--optuna-storage: {url} already holds studies of this sweep's "
+                          f"cells ({', '.join(clash[:3])}); give each sweep its own database")
 
 
 def resume(name: str, *, storage: str | None = None, address: str | None = None,
@@ -135,8 +167,7 @@ def _resume(manifest: st.Manifest, address: str | None, options: SweepOptions,
     tracker.check_reachable()
     _init_ray(address or manifest.address, options)
     st.check_shared(manifest.storage)
-    manifest.parent_run_id = tracker.start_parent(
-        plan.space.selection.metric, plan.space.selection.mode, plan.text)
+    manifest.parent_run_id = _start_parent(tracker, plan, manifest.studies_url)
     manifest.save()
     return _run(plan, manifest, tracker, datasets, faults, options, stop, restore=True)
 
@@ -197,10 +228,10 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
     from ray import tune
 
     scheduler = CellScheduler(plan)
-    searcher = CellSearcher(plan, scheduler)
-    sel = plan.space.selection
+    searcher = CellSearcher(plan, manifest.studies_url, scheduler)
+    objectives = {m: m for m, _ in plan.space.selection.objectives}
     reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", sel.metric: sel.metric, "train_loss": "loss"},
+        metric_columns={"epoch": "epoch", **objectives, "train_loss": "loss"},
         parameter_columns={f"{SWEEP_KEY}/cell": "cell", f"{SWEEP_KEY}/method": "method",
                            f"{SWEEP_KEY}/phase": "phase", f"{SWEEP_KEY}/seed": "seed"},
         max_report_frequency=int(options.progress_every_s), sort_by_metric=False,
@@ -240,8 +271,9 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
     manifest.save()
     _end_parent(manifest, tracker, "FINISHED")
     for cell in searcher.confirm_skipped():
-        print(f"warning: cell {cell}: no tuning trial completed, so no confirmation runs",
-              file=sys.stderr)
+        print(f"warning: cell {cell}: no tuning trial completed"
+              + (" within selection.constraints" if plan.space.selection.constraints else "")
+              + ", so no confirmation runs", file=sys.stderr)
     print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed; `caat-sweep status "
           f"{plan.name}` for the table, MLflow at {manifest.tracking_uri}", file=sys.stderr)
     return 0

@@ -16,9 +16,11 @@ class CellScheduler(FIFOScheduler):
 
     def __init__(self, plan: SweepPlan):
         super().__init__()
-        asha, sel = plan.space.asha, plan.space.selection
+        asha = plan.space.asha
+        # Several objectives: ASHA stops trials on one of them (selection.prune_on).
+        metric, mode = plan.space.selection.primary
         self._asha = {
-            c.id: ASHAScheduler(time_attr="epoch", metric=sel.metric, mode=sel.mode,
+            c.id: ASHAScheduler(time_attr="epoch", metric=metric, mode=mode,
                                 max_t=c.epochs, grace_period=min(asha.grace_period, c.epochs),
                                 reduction_factor=asha.reduction_factor, brackets=asha.brackets)
             for c in plan.cells} if asha.enabled else {}

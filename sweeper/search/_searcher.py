@@ -1,4 +1,4 @@
-"""One Optuna (TPE) study per cell behind one Ray Tune searcher; then confirmation."""
+"""One Optuna study per cell behind one Ray Tune searcher; then confirmation."""
 
 from __future__ import annotations
 
@@ -7,59 +7,54 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from sweeper.pareto import non_dominated, spread
 from sweeper.search._inputs import CONFIRM, SWEEP_KEY, TUNE, sweep_entry
 from sweeper.search._scheduler import CellScheduler
-from sweeper.search._state import (
-    SearchState,
-    StudyJournal,
-    linked_journals,
-    read_study,
-    restore_bytes,
-    saved_bytes,
-)
+from sweeper.search._state import SearchState
+from sweeper.search._study import CellStudy, open_study
 from sweeper.spaces import Cell, SweepPlan
 from sweeper.tracking import trial_outcome
 
 
 class CellSearcher(Searcher):
-    """One Optuna (TPE) study per cell behind one Ray Tune searcher; then confirmation.
+    """One Optuna study per cell (single- or multi-objective, in the sweep's Optuna storage)
+    behind one Ray Tune searcher; then confirmation of each cell's best config, or of up to
+    `confirm.top_k` configs spread along its Pareto front.
 
     Ray Tune sees no metric here on purpose: results of epochs without an evaluation lack
-    the selection metric, and Ray would reject them; each cell's OptunaSearch gets the
-    metric and only the results that carry it.
+    the selection metrics, and Ray would reject them; each cell's study gets only the
+    results that carry them.
     """
 
-    def __init__(self, plan: SweepPlan, scheduler: CellScheduler | None = None):
+    def __init__(self, plan: SweepPlan, studies_url: str | None = None,
+                 scheduler: CellScheduler | None = None):
         super().__init__(metric=None, mode=None)
         self.plan = plan
         self.selection = plan.space.selection
+        self.studies_url = studies_url  # None: bookkeeping only (reading a saved state)
         self.scheduler = scheduler
-        self._journals: dict[str, StudyJournal] = {}  # cell id -> its study, as Optuna logs
-        self._subs = {c.id: self._optuna(c, i) for i, c in enumerate(plan.cells)}
+        self._studies: dict[str, CellStudy] = {}  # opened on first use, never pickled
         self._trials: dict[str, dict[str, Any]] = {}  # trial id -> entry + params
         self._issued = {c.id: 0 for c in plan.cells}  # tuning trials handed out
         self._confirmed = {c.id: 0 for c in plan.cells}  # confirmation trials handed out
-        self._ended: dict[str, tuple[str, float | None]] = {}  # trial id -> (outcome, value)
+        # trial id -> (outcome, {metric: value} of its objectives and constrained metrics)
+        self._ended: dict[str, tuple[str, dict[str, float]]] = {}
         self._numbers: dict[str, int] = {}  # tuning trial id -> its number in its study
         self._cursor = 0
 
-    def _optuna(self, cell: Cell, index: int):
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles the searcher with the experiment; open database handles stay behind.
+        return {**self.__dict__, "_studies": {}}
+
+    def _study(self, cell: Cell) -> CellStudy | None:
         if not cell.space:
             return None
-        import optuna
-        from optuna.storages import JournalStorage
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        opts = self.plan.space.optuna
-        sampler = optuna.samplers.TPESampler(seed=opts.seed + index,
-                                             n_startup_trials=opts.n_startup_trials)
-        # The study lives in a journal this searcher holds: its state reads the study from
-        # there, not from OptunaSearch's attributes.
-        self._journals[cell.id] = StudyJournal(cell.id)
-        return OptunaSearch(cell.optuna_space(), metric=self.selection.metric,
-                            mode=self.selection.mode, sampler=sampler, study_name=cell.id,
-                            storage=JournalStorage(self._journals[cell.id]))
+        if cell.id not in self._studies:
+            if self.studies_url is None:
+                raise RuntimeError("CellSearcher without a study storage cannot search")
+            index = [c.id for c in self.plan.cells].index(cell.id)
+            self._studies[cell.id] = open_study(self.studies_url, cell, self.plan, index)
+        return self._studies[cell.id]
 
     # -- Ray Tune's Searcher interface
 
@@ -79,9 +74,11 @@ class CellSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         rec = self._trials.get(trial_id)
-        sub = self._subs.get(rec["cell"]) if rec else None
-        if sub is not None and rec["phase"] == TUNE and self.selection.metric in result:
-            sub.on_trial_result(trial_id, result)
+        if rec is None or rec["phase"] != TUNE or trial_id not in self._numbers:
+            return
+        study = self._study(self._cell(rec["cell"]))
+        if study is not None and "epoch" in result:
+            study.report(self._numbers[trial_id], int(result["epoch"]), result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -89,15 +86,19 @@ class CellSearcher(Searcher):
         if rec is None or trial_id in self._ended:
             return
         outcome = trial_outcome(rec, result, error)
-        value = (result or {}).get(self.selection.metric) if outcome == "completed" else None
-        self._ended[trial_id] = (outcome, value)
-        sub = self._subs.get(rec["cell"])
-        if sub is not None and rec["phase"] == TUNE:
-            # No result tells OptunaSearch the trial was pruned (or failed, with error).
-            sub.on_trial_complete(trial_id, result=result if outcome == "completed" else None,
-                                  error=error)
+        watched = [m for m, _ in self.selection.objectives] + list(self.selection.constraints)
+        values = {m: float(result[m]) for m in watched
+                  if result and isinstance(result.get(m), int | float)}
+        self._ended[trial_id] = (outcome, values)
+        if rec["phase"] == TUNE and trial_id in self._numbers:
+            study = self._study(self._cell(rec["cell"]))
+            if study is not None:
+                study.tell(self._numbers[trial_id], outcome, result)
 
     # -- bookkeeping
+
+    def _cell(self, cell_id: str) -> Cell:
+        return next(c for c in self.plan.cells if c.id == cell_id)
 
     def _next_tuning_cell(self) -> Cell | None:
         cells = self.plan.cells
@@ -114,40 +115,68 @@ class CellSearcher(Searcher):
                 and all(t in self._ended for t in ids))
 
     def _n_confirm(self, cell: Cell) -> int:
-        if self.best(cell.id) is None:
-            return 0
-        return len(self.plan.space.confirm.seeds)
+        return len(self.confirm_configs(cell.id)) * len(self.plan.space.confirm.seeds)
 
-    def best(self, cell_id: str) -> tuple[str, float, dict[str, Any]] | None:
-        """(trial id, value, sampled params) of the cell's best completed tuning trial."""
-        sign = 1 if self.selection.mode == "max" else -1
-        found = None
-        for tid, rec in self._trials.items():  # handed-out order: ties go to the earliest
-            outcome, value = self._ended.get(tid, (None, None))
+    def candidates(self, cell_id: str) -> list[tuple[str, list[float], dict[str, Any]]]:
+        """(trial id, objective values, params) of the cell's completed tuning trials with
+        every objective known and every constraint met, in handed-out order."""
+        objectives = [m for m, _ in self.selection.objectives]
+        out = []
+        for tid, rec in self._trials.items():
+            outcome, values = self._ended.get(tid, (None, {}))
             if rec["cell"] != cell_id or rec["phase"] != TUNE or outcome != "completed":
                 continue
-            if value is None or math.isnan(value):
+            vector = [values.get(m, math.nan) for m in objectives]
+            if any(math.isnan(v) for v in vector):
                 continue
-            if found is None or sign * value > sign * found[1]:
-                found = (tid, value, rec["params"])
+            if any(v > 0 for v in self.selection.violations(values)):
+                continue
+            out.append((tid, vector, rec["params"]))
+        return out
+
+    def best(self, cell_id: str) -> tuple[str, float, dict[str, Any]] | None:
+        """(trial id, value, params) of the cell's best feasible completed tuning trial by
+        the primary objective; ties go to the earliest."""
+        metric, mode = self.selection.primary
+        j = [m for m, _ in self.selection.objectives].index(metric)
+        sign = 1 if mode == "max" else -1
+        found = None
+        for tid, vector, params in self.candidates(cell_id):
+            if found is None or sign * vector[j] > sign * found[1]:
+                found = (tid, vector[j], params)
         return found
+
+    def confirm_configs(self, cell_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(tuning trial id, params) of the configs the cell confirms: its best (one
+        objective), or up to `confirm.top_k` of its Pareto set spread along the front."""
+        if not self.selection.multi:
+            best = self.best(cell_id)
+            return [] if best is None else [(best[0], best[2])]
+        found = self.candidates(cell_id)
+        if not found:
+            return []
+        modes = [mode for _, mode in self.selection.objectives]
+        front = [f for f, keep in zip(found, non_dominated([f[1] for f in found], modes),
+                                      strict=True) if keep]
+        picks = spread([f[1] for f in front], modes, self.plan.space.top_k)
+        return [(front[i][0], front[i][2]) for i in picks]
 
     def _suggest_tune(self, cell: Cell, trial_id: str) -> dict:
         self._issued[cell.id] += 1
-        sub = self._subs[cell.id]
-        params = {}
-        if sub is not None:
-            # OptunaSearch asks its study once per new trial, and nothing else asks it:
-            # the study numbers its trials in the order this searcher hands them out.
-            self._numbers[trial_id] = self._issued[cell.id] - 1
-            params = sub.suggest(trial_id)
+        study = self._study(cell)
+        params: dict[str, Any] = {}
+        if study is not None:
+            claimed = {n for t, n in self._numbers.items() if self._trials[t]["cell"] == cell.id}
+            self._numbers[trial_id], params = study.ask(trial_id, claimed)
         return self._config(trial_id, cell, TUNE, params, seed=None)
 
     def _suggest_confirm(self, cell: Cell, trial_id: str) -> dict:
-        seed = self.plan.space.confirm.seeds[self._confirmed[cell.id]]
+        seeds = self.plan.space.confirm.seeds
+        k = self._confirmed[cell.id]
         self._confirmed[cell.id] += 1
-        best_id, _, params = self.best(cell.id)
-        return self._config(trial_id, cell, CONFIRM, params, seed=seed, tuned_by=best_id)
+        tuned_by, params = self.confirm_configs(cell.id)[k // len(seeds)]
+        return self._config(trial_id, cell, CONFIRM, params, seed=seeds[k % len(seeds)],
+                            tuned_by=tuned_by)
 
     def _config(self, trial_id: str, cell: Cell, phase: str, params: dict, seed: int | None,
                 tuned_by: str | None = None) -> dict:
@@ -163,18 +192,17 @@ class CellSearcher(Searcher):
                 and all(t in self._ended for t in self._trials))
 
     def confirm_skipped(self) -> list[str]:
-        return [c.id for c in self.plan.cells if self._tuning_done(c) and self.best(c.id) is None]
+        return [c.id for c in self.plan.cells
+                if self._tuning_done(c) and not self.confirm_configs(c.id)]
 
-    # -- save/restore: the bookkeeping, the studies and the ASHA rungs, with the experiment
+    # -- save/restore: the bookkeeping and the ASHA rungs, with the experiment (the studies
+    # live in their own storage)
 
     def state(self) -> SearchState:
-        with linked_journals(self._journals):
-            searchers = {k: saved_bytes(s) for k, s in self._subs.items() if s is not None}
         return SearchState(
             cells=[c.id for c in self.plan.cells], trials=self._trials, issued=self._issued,
             confirmed=self._confirmed, ended=self._ended, cursor=self._cursor,
             study_numbers=self._numbers,
-            studies={k: j.logs for k, j in self._journals.items()}, searchers=searchers,
             schedulers=self.scheduler.save_cells() if self.scheduler else {})
 
     def save(self, checkpoint_path: str) -> None:
@@ -188,16 +216,6 @@ class CellSearcher(Searcher):
         self._trials, self._issued = dict(state.trials), dict(state.issued)
         self._confirmed, self._ended = dict(state.confirmed), dict(state.ended)
         self._cursor, self._numbers = state.cursor, dict(state.study_numbers)
-        for cell, logs in state.studies.items():
-            if cell in self._journals:
-                self._journals[cell].logs = list(logs)
-        with linked_journals(self._journals):
-            for cell, blob in state.searchers.items():
-                if self._subs.get(cell) is not None:
-                    restore_bytes(self._subs[cell], blob)
+        self._studies = {}  # reopened (with a fresh sampler seed) on next use
         if self.scheduler is not None and state.schedulers:
             self.scheduler.restore_cells(state.schedulers)
-
-    def studies(self) -> dict[str, Any]:
-        """Cell id -> a copy of its optuna.Study (cells with nothing to search have none)."""
-        return {k: read_study(k, j.logs) for k, j in self._journals.items()}

@@ -1,32 +1,28 @@
 """The sweep searcher's saved state: typed, versioned, and written only through public APIs.
 
 One file per save (Ray's `Searcher.save(checkpoint_path)`, so `Tuner.restore` finds it):
-JSON with the searcher's own bookkeeping, each cell's Optuna study as Optuna's journal
-(plain dicts, the format of `optuna.storages.JournalStorage`), and the bytes that each
-cell's `OptunaSearch.save` and `ASHAScheduler.save` wrote (the sampler's random state,
-the running trials, the ASHA rungs). Loading refuses a file of another format version or
-of other cells, one line each.
+JSON with the searcher's own bookkeeping (which Ray trial is which cell's, phase, params
+and study trial number; how each ended, with its objective values) and the bytes each
+cell's `ASHAScheduler.save` wrote (the rungs). The cells' Optuna studies are not in it:
+they live in the sweep's Optuna storage (`sweeper.search._study`). Loading refuses a file
+of another format version or of other cells, one line each.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import contextvars
 import json
 import tempfile
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from optuna.storages.journal import BaseJournalBackend
 
 from sweeper import storage as st
 from trainables.errors import ConfigError
 
 STATE_FORMAT = "caat-sweeper search state"
-STATE_VERSION = 1
+# 2: studies moved to Optuna storage; `ended` holds {metric: value}.
+STATE_VERSION = 2
 
 
 @dataclass
@@ -37,20 +33,19 @@ class SearchState:
     trials: dict[str, dict[str, Any]]  # trial id -> its `_sweep` entry + "params", in order
     issued: dict[str, int]  # cell -> tuning trials handed out
     confirmed: dict[str, int]  # cell -> confirmation trials handed out
-    ended: dict[str, tuple[str, float | None]]  # trial id -> (outcome, selection value)
+    # trial id -> (outcome, {metric: value} of the objectives and constrained metrics)
+    ended: dict[str, tuple[str, dict[str, float]]]
     cursor: int  # the cell the next tuning trial comes from
     study_numbers: dict[str, int]  # tuning trial id -> its trial number in its cell's study
-    studies: dict[str, list[dict]] = field(default_factory=dict)  # cell -> journal logs
-    searchers: dict[str, bytes] = field(default_factory=dict)  # cell -> OptunaSearch.save
     schedulers: dict[str, bytes] = field(default_factory=dict)  # cell -> ASHAScheduler.save
     version: int = STATE_VERSION
 
     def to_bytes(self) -> bytes:
-        blobs = {"searchers": self.searchers, "schedulers": self.schedulers}
+        blobs = {"schedulers": self.schedulers}
         doc = {"format": STATE_FORMAT, "version": self.version, "cells": self.cells,
                "trials": self.trials, "issued": self.issued, "confirmed": self.confirmed,
                "ended": {t: list(v) for t, v in self.ended.items()}, "cursor": self.cursor,
-               "study_numbers": self.study_numbers, "studies": self.studies,
+               "study_numbers": self.study_numbers,
                **{k: {c: base64.b64encode(b).decode() for c, b in v.items()}
                   for k, v in blobs.items()}}
         return json.dumps(doc, default=_plain).encode()
@@ -68,11 +63,11 @@ class SearchState:
             raise ConfigError(f"{source}: the search state's cells do not match the sweep's "
                               f"({_cell_difference(doc['cells'], cells)})")
         blobs = {k: {c: base64.b64decode(s) for c, s in doc[k].items()}
-                 for k in ("searchers", "schedulers")}
+                 for k in ("schedulers",)}
         return cls(cells=doc["cells"], trials=doc["trials"], issued=doc["issued"],
                    confirmed=doc["confirmed"], cursor=doc["cursor"],
                    ended={t: (v[0], v[1]) for t, v in doc["ended"].items()},
-                   study_numbers=doc["study_numbers"], studies=doc["studies"], **blobs)
+                   study_numbers=doc["study_numbers"], **blobs)
 
     def to_disk(self, path: str) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -128,72 +123,20 @@ def load_search_state(sweep_dir: str, cells: list[str] | None = None) -> SearchS
 
 
 def study_trials(sweep_dir: str) -> dict[str, dict[str, Any]]:
-    """Cell id -> {Ray trial id: its Optuna FrozenTrial}: which study trial each run is."""
-    state = load_search_state(sweep_dir)
-    if state is None:
-        return {}
-    out = {}
-    for cell, logs in state.studies.items():
-        frozen = {t.number: t for t in read_study(cell, logs).trials}
-        out[cell] = {tid: frozen[n] for tid, n in state.study_numbers.items()
-                     if state.trials[tid]["cell"] == cell}
-    return out
-
-
-# ---------------------------------------------------------------- each cell's Optuna study
-
-
-def read_study(cell: str, logs: list[dict]):
-    """The optuna.Study these journal logs hold (a copy: changing it changes nothing saved)."""
+    """Cell id -> {Ray trial id: its Optuna FrozenTrial}: which study trial each Ray tuning
+    trial is, read from the sweep's Optuna storage (`RAY_TRIAL_ATTR`)."""
     import optuna
-    from optuna.storages import JournalStorage
 
-    return optuna.load_study(study_name=cell, storage=JournalStorage(StudyJournal(cell, logs)))
+    from sweeper.search._study import RAY_TRIAL_ATTR
 
-
-# While CellSearcher saves or restores, the journals its OptunaSearch objects pickle stand
-# for its own journals: saved without their logs (the state keeps them once), restored as
-# the searcher's live journals, so the searcher reads the same study its OptunaSearch writes.
-_LINKED: contextvars.ContextVar[Mapping[str, StudyJournal] | None] = contextvars.ContextVar(
-    "caat_sweeper_linked_journals", default=None)
-
-
-class StudyJournal(BaseJournalBackend):
-    """One cell's Optuna study as a list of journal logs, in memory (Optuna's public
-    backend interface; the logs are JSON-normalised, as a journal file would have them)."""
-
-    def __init__(self, cell: str, logs: list[dict] | None = None):
-        self.cell = cell
-        self.logs: list[dict] = list(logs or [])
-
-    def read_logs(self, log_number_from: int) -> list[dict[str, Any]]:
-        return self.logs[log_number_from:]
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        self.logs.extend(json.loads(json.dumps(logs)))
-
-    def __reduce__(self):
-        linked = _LINKED.get()
-        if linked is not None and linked.get(self.cell) is self:
-            return _linked_journal, (self.cell,)
-        return StudyJournal, (self.cell, self.logs)
-
-
-def _linked_journal(cell: str) -> StudyJournal:
-    linked = _LINKED.get()
-    if linked is None or cell not in linked:
-        raise RuntimeError(f"cell {cell}: its OptunaSearch state restores only through "
-                           "CellSearcher.restore")
-    return linked[cell]
-
-
-@contextlib.contextmanager
-def linked_journals(journals: Mapping[str, StudyJournal]) -> Iterator[None]:
-    token = _LINKED.set(journals)
-    try:
-        yield
-    finally:
-        _LINKED.reset(token)
+    manifest = json.loads(st.read_bytes(st.join(sweep_dir, st.MANIFEST)))
+    url = manifest.get("optuna_storage") or st.study_storage(sweep_dir)
+    out = {}
+    for summary in optuna.get_all_study_summaries(url):
+        study = optuna.load_study(study_name=summary.study_name, storage=url)
+        out[summary.study_name] = {t.user_attrs[RAY_TRIAL_ATTR]: t for t in study.trials
+                                   if RAY_TRIAL_ATTR in t.user_attrs}
+    return out
 
 
 # ---------------------------------------------------------------- Ray's file-based save
