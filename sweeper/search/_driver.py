@@ -126,6 +126,9 @@ def check_study_storage(url: str, plan: SweepPlan) -> None:
     shared with another sweep of the same cells would mix their trials)."""
     import optuna
 
+    if url.startswith("sqlite:///"):
+        # SQLite creates the file, not its directory (a new sweep's, the first time).
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         storage = optuna.storages.RDBStorage(url)
         names = {s.study_name for s in optuna.get_all_study_summaries(storage)}

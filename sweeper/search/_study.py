@@ -74,7 +74,7 @@ def open_study(url: str, cell: Cell, plan: SweepPlan, index: int) -> CellStudy:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([metric for metric, _ in sel.objectives])
-        study.set_user_attr("scenario", cell.scenario.name)
+        study.set_user_attr("scenario", cell.scenario)
         study.set_user_attr("method", cell.method)
         study.set_user_attr("constraints", {m: b.model_dump(exclude_none=True)
                                             for m, b in sel.constraints.items()})

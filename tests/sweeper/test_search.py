@@ -50,9 +50,22 @@ def _result(epoch: int, value: float | None) -> dict:
     return out
 
 
-def test_searcher_hands_out_cells_round_robin_then_confirms_the_best():
+def _url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def _states(url: str) -> dict[str, list[str]]:
+    """Cell id -> the states of its study's trials, read back from the storage."""
+    import optuna
+
+    return {s.study_name: [t.state.name for t in optuna.load_study(
+        study_name=s.study_name, storage=url).trials]
+        for s in optuna.get_all_study_summaries(url)}
+
+
+def test_searcher_hands_out_cells_round_robin_then_confirms_the_best(tmp_path):
     plan = parse_space(tiny_space(confirm={"seeds": [1, 2]}))
-    searcher = CellSearcher(plan, CellScheduler(plan))
+    searcher = CellSearcher(plan, _url(tmp_path), CellScheduler(plan))
     configs = {t: searcher.suggest(t) for t in ("t1", "t2", "t3", "t4")}
     assert [c[SWEEP_KEY]["cell"] for c in configs.values()] == [CELL_ERM, CELL_TRADES] * 2
     assert all(c[SWEEP_KEY]["phase"] == "tune" and c[SWEEP_KEY]["seed"] == 0
@@ -80,16 +93,15 @@ def test_searcher_hands_out_cells_round_robin_then_confirms_the_best():
         searcher.on_trial_complete(t, _result(3, 0.7))
     assert searcher.complete()
 
-    states = {cell: [t.state.name for t in study.trials]
-              for cell, study in searcher.studies().items()}
-    assert states == {CELL_ERM: ["COMPLETE", "PRUNED"], CELL_TRADES: ["FAIL", "COMPLETE"]}
+    assert _states(_url(tmp_path)) == {CELL_ERM: ["COMPLETE", "PRUNED"],
+                                       CELL_TRADES: ["FAIL", "COMPLETE"]}
 
 
-def test_searcher_skips_confirmation_of_a_cell_without_completed_trials():
+def test_searcher_skips_confirmation_of_a_cell_without_completed_trials(tmp_path):
     space = tiny_space(methods=["erm"])
     del space["search"]["trades"]
     plan = parse_space(space)
-    searcher = CellSearcher(plan)
+    searcher = CellSearcher(plan, _url(tmp_path))
     for t in ("t1", "t2"):
         searcher.suggest(t)
         searcher.on_trial_complete(t, None, error=True)
@@ -100,7 +112,7 @@ def test_searcher_skips_confirmation_of_a_cell_without_completed_trials():
 def test_searcher_state_round_trips_with_studies_and_asha_rungs(tmp_path):
     plan = parse_space(tiny_space())
     scheduler = CellScheduler(plan)
-    searcher = CellSearcher(plan, scheduler)
+    searcher = CellSearcher(plan, _url(tmp_path), scheduler)
     trials = {t: _trial(t, searcher.suggest(t)) for t in ("t1", "t2", "t3")}
     for t in trials.values():
         scheduler.on_trial_add(None, t)
@@ -109,10 +121,9 @@ def test_searcher_state_round_trips_with_studies_and_asha_rungs(tmp_path):
     searcher.save(str(tmp_path / "state.pkl"))
 
     scheduler2 = CellScheduler(plan)
-    restored = CellSearcher(plan, scheduler2)
+    restored = CellSearcher(plan, _url(tmp_path), scheduler2)
     restored.restore(str(tmp_path / "state.pkl"))
-    assert [t.state.name for t in restored.studies()[CELL_ERM].trials] == ["COMPLETE",
-                                                                            "RUNNING"]
+    assert _states(_url(tmp_path))[CELL_ERM] == ["COMPLETE", "RUNNING"]
     # The ASHA rungs came back: t3 (ERM) below t1's 0.4 at epoch 1 stops, as it would have
     # in the original; a scheduler that knows nothing of t1 lets it go on.
     fresh = CellScheduler(plan)
@@ -127,7 +138,7 @@ def test_searcher_state_round_trips_with_studies_and_asha_rungs(tmp_path):
 
 def test_searcher_state_refuses_another_sweeps_or_an_older_format(tmp_path):
     plan = parse_space(tiny_space())
-    searcher = CellSearcher(plan, CellScheduler(plan))
+    searcher = CellSearcher(plan, _url(tmp_path), CellScheduler(plan))
     searcher.suggest("t1")
     searcher.save(str(tmp_path / "state.pkl"))
     other = parse_space(tiny_space(methods=["erm"]) | {"search": {}})
@@ -138,7 +149,7 @@ def test_searcher_state_refuses_another_sweeps_or_an_older_format(tmp_path):
     state.version = 99
     state.to_disk(str(tmp_path / "future.pkl"))
     with pytest.raises(ConfigError, match="future.pkl: search state format version 99; this "
-                                          "caat-sweeper reads version 1"):
+                                          "caat-sweeper reads version 2"):
         CellSearcher(plan).restore(str(tmp_path / "future.pkl"))
     (tmp_path / "old.pkl").write_bytes(pickle.dumps({"trials": {}, "subs": {}, "scheduler": None}))
     with pytest.raises(ConfigError, match="old.pkl: this sweep was saved by an older "

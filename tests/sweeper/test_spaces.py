@@ -49,12 +49,12 @@ def test_quick_space_is_the_cpu_demo():
     assert plan.space.resources.gpu == 0 and plan.space.confirm.seeds == [1, 2]
 
 
-def test_tuning_trials_skip_the_test_split_only_when_asked():
+def test_tuning_trials_skip_the_test_split_only_when_asked(tmp_path):
     from sweeper.search import SWEEP_KEY, CellSearcher
 
     for tune_test, expected in ((True, "every"), (False, "none")):
         plan = parse_space(tiny_space(confirm={"seeds": [1], "tune_test": tune_test}))
-        searcher = CellSearcher(plan)
+        searcher = CellSearcher(plan, f"sqlite:///{tmp_path}/{tune_test}.db")
         tune = searcher.suggest("t1")
         assert tune[SWEEP_KEY]["phase"] == "tune" and tune["eval"].get("test", "every") == expected
         # The confirmation runs, which the tables read, always evaluate test.
@@ -73,7 +73,7 @@ def _eval(cfg: dict) -> dict:
     return trial.eval.model_dump(include={"autoattack", "autoattack_samples"})
 
 
-def test_confirm_eval_reaches_confirmation_trials_only():
+def test_confirm_eval_reaches_confirmation_trials_only(tmp_path):
     from sweeper.search import SWEEP_KEY, CellSearcher
 
     plan = parse_space(tiny_space(confirm={"seeds": [1, 2], "tune_test": False, "eval": AA}))
@@ -84,7 +84,7 @@ def test_confirm_eval_reaches_confirmation_trials_only():
         "autoattack": "none", "autoattack_samples": 1000}
     assert _eval(plan.trial_config(cell, {"optim.lr": 0.05}, 1)) == AA
     # The searcher's path: tuning trials first, then each cell's confirmation trials.
-    searcher = CellSearcher(plan)
+    searcher = CellSearcher(plan, f"sqlite:///{tmp_path}/optuna.db")
     tuning = [searcher.suggest(f"t{i}") for i in range(4)]
     assert {c[SWEEP_KEY]["phase"] for c in tuning} == {"tune"}
     assert all(_eval(c)["autoattack"] == "none" and c["eval"]["test"] == "none" for c in tuning)
