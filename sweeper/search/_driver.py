@@ -260,7 +260,8 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
             stop: StopSignals) -> int:
     """Record how the run ended: complete (manifest `done`, parent FINISHED) or stopped
     early by Ctrl-C or SIGTERM (parent KILLED; `resume` continues)."""
-    searcher = CellSearcher(plan)
+    # Loading the final state tells the studies the verdicts the last save held back.
+    searcher = CellSearcher(plan, manifest.studies_url)
     state = load_search_state(manifest.sweep_dir, [c.id for c in plan.cells])
     if state is not None:
         searcher.load_state(state)

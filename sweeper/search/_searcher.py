@@ -41,6 +41,10 @@ class CellSearcher(Searcher):
         self._ended: dict[str, tuple[str, dict[str, float]]] = {}
         self._numbers: dict[str, int] = {}  # tuning trial id -> its number in its study
         self._cursor = 0
+        # Verdicts reach the studies one save late (see `save`): those recorded since the
+        # last save, and those the last save wrote (told at the next one).
+        self._unsaved: set[str] = set()
+        self._saved: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # Ray pickles the searcher with the experiment; open database handles stay behind.
@@ -90,10 +94,19 @@ class CellSearcher(Searcher):
         values = {m: float(result[m]) for m in watched
                   if result and isinstance(result.get(m), int | float)}
         self._ended[trial_id] = (outcome, values)
-        if rec["phase"] == TUNE and trial_id in self._numbers:
+        self._unsaved.add(trial_id)
+
+    def _tell(self, trial_ids) -> None:
+        """Tell the studies how these ended tuning trials ended (a trial told before keeps
+        its first verdict)."""
+        for tid in sorted(trial_ids, key=list(self._trials).index):
+            rec = self._trials[tid]
+            if rec["phase"] != TUNE or tid not in self._numbers or tid not in self._ended:
+                continue
             study = self._study(self._cell(rec["cell"]))
             if study is not None:
-                study.tell(self._numbers[trial_id], outcome, result)
+                outcome, values = self._ended[tid]
+                study.tell(self._numbers[tid], outcome, values)
 
     # -- bookkeeping
 
@@ -206,7 +219,21 @@ class CellSearcher(Searcher):
             schedulers=self.scheduler.save_cells() if self.scheduler else {})
 
     def save(self, checkpoint_path: str) -> None:
+        # A study trial must never end before Ray's saved experiment knows its Ray trial:
+        # a driver killed in between would leave a finished study trial no restored trial
+        # owns (Optuna cannot delete or reopen it). So a verdict is told at the save after
+        # the one that wrote it: Ray renames each save into place before asking for the
+        # next, so by then it is on disk. A trial asked for after the last save is still
+        # RUNNING when the driver dies, and the next trial of its cell adopts it.
+        self._tell(self._saved)
+        self._saved, self._unsaved = self._unsaved, set()
         self.state().to_disk(checkpoint_path)
+
+    def flush(self) -> None:
+        """Tell the studies every verdict (the sweep has ended, or a saved state was loaded:
+        everything in it is on disk)."""
+        self._tell(self._ended)
+        self._saved, self._unsaved = set(), set()
 
     def restore(self, checkpoint_path: str) -> None:
         self.load_state(SearchState.from_disk(checkpoint_path,
@@ -219,3 +246,5 @@ class CellSearcher(Searcher):
         self._studies = {}  # reopened (with a fresh sampler seed) on next use
         if self.scheduler is not None and state.schedulers:
             self.scheduler.restore_cells(state.schedulers)
+        if self.studies_url is not None:
+            self.flush()

@@ -26,14 +26,11 @@ from sweeper.spaces import Cell, SweepPlan
 
 RAY_TRIAL_ATTR = "ray_trial_id"
 VALUES_ATTR = "objective_values"  # {metric: value} of the result the trial was told with
-CONSTRAINTS_ATTR = "constraint_violations"  # what constraints_func returns (<= 0: feasible)
+# Each constraint's violation, in `selection.constraints` order (<= 0: feasible); the same
+# values go to Optuna's own constraint records (`Trial.set_constraint`, keyed by metric).
+CONSTRAINTS_ATTR = "constraint_violations"
 # A violation for a constraint whose metric a result lacks (Optuna wants finite numbers).
 MISSING_VIOLATION = 1e6
-
-
-def _constraints(trial) -> list[float]:
-    # Module-level (not a lambda): samplers are pickled with nothing but importable names.
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR, [MISSING_VIOLATION]))
 
 
 def make_sampler(plan: SweepPlan, index: int, n_existing: int):
@@ -42,16 +39,14 @@ def make_sampler(plan: SweepPlan, index: int, n_existing: int):
     made before the restart."""
     import optuna
 
-    opts, sel = plan.space.optuna, plan.space.selection
+    opts = plan.space.optuna
     seed = opts.seed + index + 100_003 * n_existing
-    constraints = _constraints if sel.constraints else None
+    # Constraints reach the samplers through each trial's `set_constraint` (Optuna 5).
     if opts.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if opts.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=opts.population_size,
-                                             constraints_func=constraints)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=opts.n_startup_trials,
-                                      constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=opts.population_size)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=opts.n_startup_trials)
 
 
 def open_study(url: str, cell: Cell, plan: SweepPlan, index: int) -> CellStudy:
@@ -136,6 +131,9 @@ class CellStudy:
             scalars = {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
             violations = [min(v, MISSING_VIOLATION) for v in self.selection.violations(scalars)]
             self.storage.set_trial_user_attr(trial_id, CONSTRAINTS_ATTR, violations)
+            trial = optuna.trial.Trial(self.study, trial_id)  # the handle `ask` returned
+            for metric, violation in zip(self.selection.constraints, violations, strict=True):
+                trial.set_constraint(metric, violation)
         if outcome == "completed" and len(known) == len(values):
             self.study.tell(number, [known[m] for m, _ in self.selection.objectives])
         elif outcome == "pruned":

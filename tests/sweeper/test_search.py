@@ -93,8 +93,45 @@ def test_searcher_hands_out_cells_round_robin_then_confirms_the_best(tmp_path):
         searcher.on_trial_complete(t, _result(3, 0.7))
     assert searcher.complete()
 
+    searcher.flush()
     assert _states(_url(tmp_path)) == {CELL_ERM: ["COMPLETE", "PRUNED"],
                                        CELL_TRADES: ["FAIL", "COMPLETE"]}
+
+
+def test_verdicts_reach_the_study_one_save_late_and_a_lost_trial_is_adopted(tmp_path):
+    """A driver killed at any point leaves no finished study trial that the restored
+    searcher does not own, and one trial asked for after the last save is adopted."""
+    from sweeper.search import study_trials
+
+    url = _url(tmp_path)
+    plan = parse_space(tiny_space())
+    searcher = CellSearcher(plan, url, CellScheduler(plan))
+    first = searcher.suggest("t1")  # erm
+    searcher.on_trial_complete("t1", _result(3, 0.9))
+    assert _states(url)[CELL_ERM] == ["RUNNING"]  # not before a save holds the verdict
+    searcher.save(str(tmp_path / "s1"))
+    assert _states(url)[CELL_ERM] == ["RUNNING"]  # s1 may not be renamed into place yet
+    searcher.suggest("t2")  # trades
+    lost = searcher.suggest("t3")  # erm, asked for after the last save ...
+    searcher.on_trial_complete("t3", _result(3, 0.1))  # ... and finished: then SIGKILL
+    searcher.save(str(tmp_path / "s2"))  # (a save Ray never renamed into place)
+    assert _states(url)[CELL_ERM] == ["COMPLETE", "RUNNING"]
+
+    restored = CellSearcher(plan, url, CellScheduler(plan))
+    restored.restore(str(tmp_path / "s1"))
+    again = restored.suggest("t2b")  # trades: t2 was unknown to s1 too
+    adopted = restored.suggest("t3b")  # erm: takes over the study's trial 1, its params too
+    assert adopted["optim"]["lr"] == lost["optim"]["lr"] != first["optim"]["lr"]
+    assert again[SWEEP_KEY]["cell"] == CELL_TRADES
+    for t, value in (("t2b", 0.5), ("t3b", 0.2)):
+        restored.on_trial_complete(t, _result(3, value))
+    restored.flush()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"optuna_storage": url}))
+    studies = study_trials(str(tmp_path))
+    assert {c: sorted(ts) for c, ts in studies.items()} == {CELL_ERM: ["t1", "t3b"],
+                                                             CELL_TRADES: ["t2b"]}
+    assert studies[CELL_ERM]["t3b"].values == [0.2]
 
 
 def test_searcher_skips_confirmation_of_a_cell_without_completed_trials(tmp_path):
