@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trials, optimisation history, parameter importances, "
                                    "Pareto fronts. It reads them where the sweep keeps them "
                                    "(STORAGE/NAME/optuna.db, or the --optuna-storage URL it "
-                                   "was launched with), live while the sweep runs. Bound to "
+                                   "was launched with), also while the sweep runs. Bound to "
                                    "127.0.0.1 (no authentication: reach it through ssh -L "
                                    "from elsewhere); the page can also edit notes and delete "
                                    "studies, so delete nothing of a sweep you may resume. "

@@ -49,25 +49,13 @@ def _busy(host: str, port: int, err: OSError) -> ConfigError:
 
 
 def run_mlflow_ui(tracking_uri: str, port: int) -> int:
-    """`mlflow ui` on 127.0.0.1:`port` until it exits or Ctrl-C; its exit status (0 after
-    Ctrl-C)."""
+    """`mlflow ui` on 127.0.0.1:`port` until it exits; its exit status."""
     check_port_free(port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
            "--host", LOOPBACK, "--port", str(port)]
     print(f"MLflow UI for {tracking_uri} on http://{LOOPBACK}:{port} (Ctrl-C stops it)",
           file=sys.stderr)
-    proc = subprocess.Popen(cmd)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # The terminal's Ctrl-C reached the UI too: let it shut its workers down.
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print("MLflow UI stopped", file=sys.stderr)
-        return 0
+    return subprocess.call(cmd)
 
 
 # ------------------------------------------------------------------------ optuna-dashboard
