@@ -1,4 +1,4 @@
-"""`caat-sweep`: train one trial, launch/resume/inspect/sync sweeps, analyse them, open the UI.
+"""`caat-sweep`: train one trial, launch/resume/inspect/sync sweeps, analyse them, open the UIs.
 
 Bad input exits with status 2 and one line naming the field and what is allowed; nothing
 is written before the input has been validated.
@@ -14,8 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sweeper.contract import DEFAULT_TRACKING_URI, TRACKING_URI_ENV, resolve_tracking_uri
-from trainables.errors import ConfigError, ServiceUnavailable
+from sweeper.contract import (
+    ANALYSIS_ARTIFACTS,
+    DEFAULT_TRACKING_URI,
+    TRACKING_URI_ENV,
+    log_analysis,
+    resolve_tracking_uri,
+)
+from trainables.errors import ConfigError, ServiceUnavailable, one_line
 
 EXIT_BAD_INPUT = 2
 DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sweep exits 2 "
@@ -177,30 +183,31 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
+    from sweeper.servers import run_mlflow_ui
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    return run_mlflow_ui(resolve_tracking_uri(args.tracking_uri), args.port)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from sweeper import storage
+    from sweeper.servers import (
+        DASHBOARD_PATH,
+        LOOPBACK,
+        check_port_free,
+        open_studies,
+        serve_dashboard,
+        shown_url,
+    )
+
+    manifest = storage.load_manifest(storage.resolve_storage(args.storage), args.name)
     check_port_free(args.port)
-    # 127.0.0.1 only: the UI has no authentication (tunnel with ssh -L to reach it).
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)",
-          file=sys.stderr)
-    return subprocess.call(cmd)
-
-
-def check_port_free(port: int, host: str = "127.0.0.1") -> None:
-    """Refuse a busy port before the UI starts (uvicorn would fail after we printed a URL)."""
-    import socket
-
-    if not 0 < port < 65536:
-        raise CliError(f"--port: {port} is not a port number (1-65535)")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise CliError(f"--port: {host}:{port} is not free ({err.strerror or err}); "
-                           "choose another with --port") from None
+    url = manifest.studies_url
+    studies, names = open_studies(url)
+    print(f"optuna-dashboard for sweep {args.name!r} ({len(names)} cell studies in "
+          f"{shown_url(url)}) on http://{LOOPBACK}:{args.port}{DASHBOARD_PATH} "
+          "(Ctrl-C stops it)", file=sys.stderr)
+    serve_dashboard(studies, args.port)
+    return 0
 
 
 # ---------------------------------------------------------------------------- analyze
@@ -235,9 +242,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"  {path}")
     print(f"open {out / 'summary.html'} in a browser for the tables and plots together")
     uri = resolve_tracking_uri(args.tracking_uri)
+    log_to_parent_run(args.name, uri, files)
     print(f"every trial in the MLflow UI: caat-sweep ui --tracking-uri {uri} "
           "(then http://127.0.0.1:5000)")
     return 0
+
+
+def log_to_parent_run(name: str, uri: str, files: list[Path]) -> None:
+    """The outputs as artifacts of the sweep's parent run. Best effort: the local files are
+    the analysis, so a failed upload is one warning line, never a failed command."""
+    try:
+        run_id = log_analysis(uri, name, files)
+    except Exception as err:
+        # Any artifact store MLflow supports (local, its server's proxy, S3, GCS, ...) can
+        # fail here, each with exceptions of its own.
+        print(f"warning: outputs not logged to MLflow ({one_line(err, 200)}); the files "
+              "above are complete; run analyze again to log them", file=sys.stderr)
+        return
+    if run_id is None:
+        print(f"warning: sweep {name!r} has no parent run in {uri}: outputs not logged to "
+              "MLflow", file=sys.stderr)
+        return
+    print(f"logged as artifacts {ANALYSIS_ARTIFACTS}/ of the sweep's parent run {run_id} "
+          "(MLflow UI: the run's Artifacts tab)")
 
 
 # ------------------------------------------------------------------------------ parser
@@ -312,11 +339,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.set_defaults(func=cmd_ui)
 
+    p = sub.add_parser("dashboard", help="optuna-dashboard of a sweep's studies on 127.0.0.1",
+                       description="Serve optuna-dashboard over sweep NAME's Optuna studies, "
+                                   "one per cell, named by the cell id (scenario/method): "
+                                   "trials, optimisation history, parameter importances, "
+                                   "Pareto fronts. It reads them where the sweep keeps them "
+                                   "(STORAGE/NAME/optuna.db, or the --optuna-storage URL it "
+                                   "was launched with), also while the sweep runs. Bound to "
+                                   "127.0.0.1 (no authentication: reach it through ssh -L "
+                                   "from elsewhere); the page can also edit notes and delete "
+                                   "studies, so delete nothing of a sweep you may resume. "
+                                   "Ctrl-C stops it.")
+    p.add_argument("name", help="sweep name")
+    _storage_arg(p)
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("analyze", help="summary tables and trade-off plots of a sweep",
                        description="Read a sweep's runs from MLflow and write summary tables "
                                    "(csv, md, tex, html) and plots into OUT. Per cell: its "
                                    "confirmation runs aggregated over seeds, else its best "
-                                   "tuning run. Exit status 3: nothing has finished yet.")
+                                   "tuning run. The files written are also logged as "
+                                   "artifacts analysis/ of the sweep's parent run (a re-run "
+                                   "replaces those of the same name; if that upload fails, a "
+                                   "warning, and the files in OUT are still complete). Exit "
+                                   "status 3: nothing has finished yet.")
     p.add_argument("name", help="sweep name (MLflow experiment caat-sweep/NAME)")
     p.add_argument("--out", required=True, help="output directory")
     _tracking_arg(p)

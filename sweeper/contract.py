@@ -14,7 +14,9 @@ scripts read it):
   `metric`=<selection metric (the primary one of several)>, `mode`=`max`|`min`,
   `objectives` (`OBJECTIVES_TAG`: every objective, "metric:mode,..."), `optuna_storage`
   (`OPTUNA_STORAGE_TAG`: the RDB URL of the cells' Optuna studies, one per cell, named by
-  the cell id); artifact `space.yaml` (the space file as launched).
+  the cell id); artifact `space.yaml` (the space file as launched); artifacts
+  `analysis/` (`ANALYSIS_ARTIFACTS`): the files `caat-sweep analyze` wrote last
+  (`log_analysis`; a re-run replaces files of the same name).
 - One child run per Ray trial (tuning and confirmation), nested under the parent
   (`PARENT_TAG`); run name = trial id; tags `sweep`, `role`=`trial`, `trial_id`, the sweep
   entry's `TRIAL_TAGS`: `cell` (`<scenario name>/<method>`, e.g. `pair-0.4_ir-1_eps-0.1/caat`),
@@ -57,6 +59,7 @@ scripts read it):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +178,39 @@ TRIAL_FILTER = "tags.role = 'trial'"
 
 def experiment_name(sweep: str) -> str:
     return EXPERIMENT_PREFIX + sweep
+
+
+def parent_run_id(client: Any, sweep: str) -> str | None:
+    """The id of the sweep's parent run; None while its experiment or parent run does not
+    exist."""
+    exp = client.get_experiment_by_name(experiment_name(sweep))
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], PARENT_FILTER, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+# The parent run's artifact folder for the analysis' outputs.
+ANALYSIS_ARTIFACTS = "analysis"
+
+
+def log_analysis(tracking_uri: str, sweep: str, files: Iterable[Path]) -> str | None:
+    """Upload `files` as the artifacts `analysis/<file name>` of the sweep's parent run, so
+    the MLflow UI shows the analysis next to the trials; a file of the same name replaces
+    the one logged before. Returns the parent run's id; None when the sweep has no parent
+    run. Errors are whatever the tracking server or artifact store raises
+    (ServiceUnavailable, quickly, for a server that does not answer).
+
+    The files written, not the whole output directory: it may hold other files (an earlier
+    analysis' plot of a scenario since dropped, or anything in a shared --out)."""
+    check_reachable(tracking_uri)
+    client = open_client(tracking_uri)
+    run_id = parent_run_id(client, sweep)
+    if run_id is None:
+        return None
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=ANALYSIS_ARTIFACTS)
+    return run_id
 
 
 def search_all_runs(client: Any, experiment_id: str, filter_string: str = "", *,
