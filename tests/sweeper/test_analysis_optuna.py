@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from analysis_store import METRIC_KEYS, StoreWriter, build_store
 
-from sweeper.analysis import best_confirmed, normalise_runs, select_runs
+from sweeper.analysis import best_confirmed, cell_importances, normalise_runs, select_runs
 from sweeper.cli import main
 
 OBJECTIVES = [("val_natural_acc", "max"), ("val_robust_acc", "max")]
@@ -267,6 +267,29 @@ def test_importances_sum_to_one_with_a_row_per_param(analysed):
         assert sorted(group["param"]) == sorted(SPACE)
         assert group["importance"].sum() == pytest.approx(1.0)
         assert (group["importance"] >= 0).all()
+
+
+def test_importance_follows_each_objective_s_direction():
+    # The 4 best configs of objective a (maximised) share x and spread over y; the 4 worst
+    # share y. Objective b (minimised) has the same values, so its best are a's worst. PED-
+    # ANOVA explains the lowest targets: read with the wrong sign, a's importances would
+    # explain its worst configs and name y.
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    unit = optuna.distributions.FloatDistribution(0, 1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rows = [((.01 + .02 * i, .1 + .28 * i), 10 + i) for i in range(4)]
+    rows += [((.1 + .28 * i, .5 + .01 * i), -10 - i) for i in range(4)]
+    rows += [((float(x), float(y)), float(v)) for x, y, v in rng.rand(32, 3)]
+    for (x, y), v in rows:
+        study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y},
+                                                  distributions={"x": unit, "y": unit},
+                                                  values=[v, v]))
+    (a, imp_a), (b, imp_b) = cell_importances(study, [("a", "max"), ("b", "min")])
+    assert (a, b) == ("a", "b")
+    assert imp_a["x"] > 0.8 > imp_a["y"]
+    assert imp_b["y"] > 0.8 > imp_b["x"]
 
 
 def test_cells_without_importance_or_study_get_a_note(analysed):
