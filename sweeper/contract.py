@@ -164,6 +164,17 @@ OBJECTIVES_TAG = "objectives"
 OPTUNA_STORAGE_TAG = "optuna_storage"
 
 
+# What the cells' Optuna studies carry (`sweeper.search._study` writes them, the analysis
+# reads them; here so that reading them needs no Ray). On each study trial: the Ray trial id
+# it belongs to, {metric: value} of the result it was told with, and each constraint's
+# violation (<= 0: feasible; also Optuna's own record, `Trial.set_constraint`). On each
+# study: the constraints, {metric: {min: .., max: ..}}.
+RAY_TRIAL_ATTR = "ray_trial_id"
+VALUES_ATTR = "objective_values"
+CONSTRAINTS_ATTR = "constraint_violations"
+STUDY_CONSTRAINTS_ATTR = "constraints"
+
+
 def format_objectives(objectives: list[tuple[str, str]]) -> str:
     return ",".join(f"{metric}:{mode}" for metric, mode in objectives)
 

@@ -3,8 +3,10 @@
 Data flow, each step a small function on a plain DataFrame so that it can be tested on its own:
 
     load_sweep (MLflow)  ->  runs: one row per trial run (tags, final metrics, scenario params)
-    select_runs          ->  the runs that count: a cell's finished confirmation runs, else its
-                             single best finished tuning run by the sweep's selection metric
+    select_runs          ->  the runs that count: a cell's finished confirmation runs (of a
+                             cell that confirmed several configs, those of the config with the
+                             best mean selection metric: best_confirmed), else its single best
+                             finished tuning run by the sweep's selection metric
     load_classwise       ->  each selected run's classwise.json (per-class lists)
     load_directions      ->  the selected CAAT runs' per-epoch direction metrics (frac_anti,
                              frac_anti_noisy / _clean, anti_noisy_auc), tidy; with
@@ -24,17 +26,40 @@ Data flow, each step a small function on a plain DataFrame so that it can be tes
                              under imbalance, the per-class share and bound; only for
                              scenarios whose CAAT runs logged them)
 
+When the parent run names the cells' Optuna studies (`optuna_storage` tag; sweeps from before
+them write nothing more, and a storage that cannot be read is a note):
+
+    analyse_studies      ->  per cell and objective, hyperparameter importances (Optuna's
+                             PED-ANOVA, summing to 1), and every config: the study's completed
+                             tuning trials and the confirmed configs (confirmation runs grouped
+                             by `tuned_by`, means over seeds), feasible or not, on its front
+    write_outputs        ->  also importance.csv / .png; pareto_configs.csv (the non-dominated
+                             feasible configs per cell, tuning and confirmed fronts apart; for
+                             one objective the best config) and pareto_configs.png (two or three
+                             objectives); infeasible_configs.csv (sweeps with constraints: every
+                             config that breaks one, and which); and per cell Optuna's plotly
+                             views in optuna/ (parallel coordinates, contours of the two most
+                             important params per objective, the Pareto front), offline with one
+                             shared optuna/plotly.min.js and linked from summary.html
+
 Only finished runs count: pruned and failed trials never enter a table. Final metric values are
 the values at the last step (MLflow's latest value), i.e. the last evaluated epoch.
 
 This module is the public front; the steps live in private siblings, each importing only
 those below it: `_directions` (CAAT direction tables), `_model` (SweepRuns, Summary, shared
 names), `_load` (MLflow), `_stats` (pure pandas), `_summary`, `_render` (md / tex / html),
-`_plots`, `_direction_plots`, `_analyze` (the driver). What runs carry in MLflow is
-`sweeper.contract`.
+`_plots`, `_direction_plots`, `_configs` (config fronts), `_optuna` (the studies),
+`_optuna_plots`, `_analyze` (the driver). What runs and studies carry is `sweeper.contract`.
 """
 
-from sweeper.analysis._analyze import analyze, write_outputs, write_plots
+from sweeper.analysis._analyze import analyze, write_outputs, write_plots, write_study_tables
+from sweeper.analysis._configs import (
+    CONFIG_KEYS,
+    configs_frame,
+    configs_table,
+    mark_fronts,
+    violation,
+)
 from sweeper.analysis._direction_plots import plot_caat_directions
 from sweeper.analysis._directions import (
     CLASS_DIRECTION_COLUMNS,
@@ -66,11 +91,26 @@ from sweeper.analysis._model import (
     METRICS,
     REFERENCE,
     NothingToAnalyse,
+    StudyAnalysis,
     Summary,
     SweepNotFound,
     SweepRuns,
     method_key,
     method_label,
+)
+from sweeper.analysis._optuna import (
+    IMPORTANCE_COLUMNS,
+    StudiesUnavailable,
+    analyse_studies,
+    cell_importances,
+    importance_table,
+    open_studies,
+)
+from sweeper.analysis._optuna_plots import (
+    VIEWS_DIR,
+    plot_importance,
+    plot_pareto_configs,
+    write_views,
 )
 from sweeper.analysis._plots import (
     CIFAR10_CLASSES,
@@ -88,8 +128,10 @@ from sweeper.analysis._plots import (
 from sweeper.analysis._render import METRIC_LABELS, NA, tex_escape, to_html, to_latex, to_markdown
 from sweeper.analysis._stats import (
     aggregate,
+    best_confirmed,
     best_flags,
     coverage,
+    n_confirmed_configs,
     paired_test,
     paired_tests,
     pareto_by_scenario,
@@ -108,24 +150,30 @@ from sweeper.analysis._summary import (
     masking_alarms,
     nothing_message,
     scenario_table,
+    several_configs_notes,
     summarize,
 )
 from sweeper.contract import AUTOATTACK_METRICS, DEFAULT_SELECTION_METRIC
 
 __all__ = [
     "AUTOATTACK_METRICS", "CIFAR10_CLASSES", "CLASSWISE_KINDS", "CLASS_DIRECTION_COLUMNS",
-    "CLASS_DIRECTION_KEYS", "DEFAULT_SELECTION_METRIC", "DIRECTION_COLUMNS", "DIRECTION_METHOD",
-    "DIRECTION_METRICS", "FACTORS", "FASHION_MNIST_CLASSES", "LOWER_IS_BETTER", "MASKING_GAP",
-    "MASKING_TEXT", "MASKING_TITLE", "METHOD_LABELS", "METHOD_ORDER", "METRICS",
-    "METRIC_LABELS", "NA", "NothingToAnalyse", "REFERENCE", "SCENARIO_PARAMS", "Summary",
-    "SweepNotFound", "SweepRuns", "aggregate", "analyze", "best_flags", "class_direction_table",
-    "class_means_at_last", "class_means_by_epoch", "class_names", "classwise_table", "coverage",
-    "coverage_notes", "describe_scenario", "direction_frame", "direction_means",
-    "direction_tables", "empty_class_directions", "empty_directions", "factor_series",
-    "load_classwise", "load_directions", "load_sweep", "masking_alarms", "method_key",
-    "method_label", "normalise_runs", "nothing_message", "paired_test", "paired_tests",
-    "pareto_by_scenario", "pareto_front", "plot_caat_directions", "plot_classwise",
-    "plot_tradeoff", "plot_vs_factor", "reported_metrics", "runs_frame", "safe_name",
-    "save_scenario_figure", "scenario_table", "select_runs", "summarize", "tex_escape",
-    "to_html", "to_latex", "to_markdown", "varied_factors", "write_outputs", "write_plots",
+    "CLASS_DIRECTION_KEYS", "CONFIG_KEYS", "DEFAULT_SELECTION_METRIC", "DIRECTION_COLUMNS",
+    "DIRECTION_METHOD", "DIRECTION_METRICS", "FACTORS", "FASHION_MNIST_CLASSES",
+    "IMPORTANCE_COLUMNS", "LOWER_IS_BETTER", "MASKING_GAP", "MASKING_TEXT", "MASKING_TITLE",
+    "METHOD_LABELS", "METHOD_ORDER", "METRICS", "METRIC_LABELS", "NA", "NothingToAnalyse",
+    "REFERENCE", "SCENARIO_PARAMS", "StudiesUnavailable", "StudyAnalysis", "Summary",
+    "SweepNotFound", "SweepRuns", "VIEWS_DIR", "aggregate", "analyse_studies", "analyze",
+    "best_confirmed", "best_flags", "cell_importances", "class_direction_table",
+    "class_means_at_last", "class_means_by_epoch", "class_names", "classwise_table",
+    "configs_frame", "configs_table", "coverage", "coverage_notes", "describe_scenario",
+    "direction_frame", "direction_means", "direction_tables", "empty_class_directions",
+    "empty_directions", "factor_series", "importance_table", "load_classwise",
+    "load_directions", "load_sweep", "mark_fronts", "masking_alarms", "method_key",
+    "method_label", "n_confirmed_configs", "normalise_runs", "nothing_message", "open_studies",
+    "paired_test", "paired_tests", "pareto_by_scenario", "pareto_front", "plot_caat_directions",
+    "plot_classwise", "plot_importance", "plot_pareto_configs", "plot_tradeoff",
+    "plot_vs_factor", "reported_metrics", "runs_frame", "safe_name", "save_scenario_figure",
+    "scenario_table", "select_runs", "several_configs_notes", "summarize", "tex_escape",
+    "to_html", "to_latex", "to_markdown", "varied_factors", "violation", "write_outputs",
+    "write_plots", "write_study_tables", "write_views",
 ]

@@ -18,9 +18,13 @@ from sweeper.analysis._model import SweepNotFound, SweepRuns
 from sweeper.contract import (
     DEFAULT_SELECTION_METRIC,
     EXPERIMENT_PREFIX,
+    OBJECTIVES_TAG,
+    OPTUNA_STORAGE_TAG,
+    TUNED_BY_TAG,
     check_reachable,
     experiment_name,
     open_client,
+    parse_objectives,
     resolve_tracking_uri,
     search_all_runs,
     sqlite_path,
@@ -73,11 +77,27 @@ def load_sweep(name: str, tracking_uri: str | None = None) -> SweepRuns:
         tags = parents[0].data.tags
         sweep.metric = tags.get("metric", DEFAULT_SELECTION_METRIC)
         sweep.mode = tags.get("mode", "max")
+        sweep.optuna_storage = tags.get(OPTUNA_STORAGE_TAG) or None
+        if tags.get(OBJECTIVES_TAG):
+            sweep.objectives = _objectives(name, tags[OBJECTIVES_TAG])
     else:
         sweep.notes.append(f"no parent run found: selecting by {sweep.metric} ({sweep.mode})")
     if sweep.mode not in ("max", "min"):
         raise SweepNotFound(f"sweep {name!r}: parent tag mode={sweep.mode!r}; allowed: max, min")
+    # Sweeps from before several objectives select on one: that is their only objective.
+    sweep.objectives = sweep.objectives or [(sweep.metric, sweep.mode)]
     return sweep
+
+
+def _objectives(name: str, tag: str) -> list[tuple[str, str]]:
+    try:
+        objectives = parse_objectives(tag)
+    except ValueError:
+        objectives = []
+    if not objectives or any(mode not in ("max", "min") for _, mode in objectives):
+        raise SweepNotFound(f"sweep {name!r}: parent tag {OBJECTIVES_TAG}={tag!r}; expected "
+                            "metric:mode pairs joined by commas, mode max or min")
+    return objectives
 
 
 def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
@@ -97,6 +117,7 @@ def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
             "phase": tags.get("phase", "tune"),
             "outcome": tags.get("outcome"),
             "error": tags.get("error"),
+            "tuned_by": tags.get(TUNED_BY_TAG),
         }
         for param, column in SCENARIO_PARAMS.items():
             row[column] = run.data.params.get(param)
@@ -106,14 +127,16 @@ def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "status",
                                                           "trial_id", "cell", "scenario",
                                                           "method", "seed", "phase", "outcome",
-                                                          "error", *SCENARIO_PARAMS.values()])
+                                                          "error", "tuned_by",
+                                                          *SCENARIO_PARAMS.values()])
     return normalise_runs(frame)
 
 
 def normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Fill scenario/method from the cell tag when absent and make factors numeric."""
     runs = runs.copy()
-    for column in ("scenario", "method", "cell", "outcome", "error", "phase", "status"):
+    for column in ("scenario", "method", "cell", "outcome", "error", "phase", "status",
+                   "tuned_by"):
         if column not in runs:
             runs[column] = None
     if len(runs):

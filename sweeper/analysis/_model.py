@@ -50,6 +50,25 @@ class SweepRuns:
     classwise: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # run_id -> lists
     notes: list[str] = field(default_factory=list)
     directions: pd.DataFrame | None = None  # CAAT's per-epoch direction metrics (tidy)
+    # Every objective of the selection, (metric, mode); the primary one is `metric`/`mode`.
+    objectives: list[tuple[str, str]] = field(default_factory=list)
+    # The RDB URL of the cells' Optuna studies; None for sweeps from before them.
+    optuna_storage: str | None = None
+
+
+@dataclass
+class StudyAnalysis:
+    """What the cells' Optuna studies add (`sweeper.analysis._optuna`), as plain tables, with
+    the studies themselves for Optuna's interactive plots."""
+
+    objectives: list[tuple[str, str]]
+    importance: pd.DataFrame  # cell, scenario, method, objective, param, importance
+    # One row per config: tuning trials (COMPLETE) and confirmed ones (mean over seeds),
+    # with `feasible` and `pareto` (on its cell's front of its source's feasible configs).
+    configs: pd.DataFrame
+    params: list[str]  # the configs' param columns, in order
+    constraints: list[str]  # the constrained metrics (their columns in `configs`)
+    studies: dict = field(default_factory=dict)  # cell id -> optuna.Study
 
 
 @dataclass
@@ -67,6 +86,8 @@ class Summary:
     metrics: tuple[str, ...] = METRICS
     # One line per cell whose PGD - AutoAttack gap says gradient masking (`masking_alarms`).
     masking: list[str] = field(default_factory=list)
+    # The Optuna studies' importances and config fronts; None when the sweep has no studies.
+    optuna: StudyAnalysis | None = None
 
 
 def method_key(method: str) -> tuple[int, str]:

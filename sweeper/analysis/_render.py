@@ -4,7 +4,7 @@ format-neutral block per scenario, the writers only add markup."""
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -219,8 +219,26 @@ def to_latex(summary: Summary, title: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
-def to_html(summary: Summary, title: str = "", plots: Sequence[str] = ()) -> str:
-    """A standalone page: the tables, the notes and the plots (linked by relative path)."""
+def _views_html(views: Mapping[str, Sequence[tuple[str, str]]]) -> list[str]:
+    """A section per cell linking its interactive Optuna views (relative paths)."""
+    if not views:
+        return []
+    esc = html.escape
+    parts = ["<h2>Optuna studies: interactive views</h2>",
+             "<p class='note'>Per cell, Optuna's plots of its tuning trials (plotly; they load "
+             "optuna/plotly.min.js, so keep the folder together). The same studies open in "
+             "optuna-dashboard with the sweep's Optuna storage.</p>"]
+    for cell, links in views.items():
+        parts.append(f"<h3>{esc(cell)}</h3><ul class='views'>"
+                     + "".join(f"<li><a href='{esc(path)}'>{esc(label)}</a></li>"
+                               for label, path in links) + "</ul>")
+    return parts
+
+
+def to_html(summary: Summary, title: str = "", plots: Sequence[str] = (),
+            views: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> str:
+    """A standalone page: the tables, the notes, the plots (linked by relative path) and,
+    per cell, links to its interactive Optuna views (`views`: cell -> [(label, path)])."""
     esc = html.escape
     ref = method_label(summary.reference)
     parts = ["<!doctype html>", "<html><head><meta charset='utf-8'>",
@@ -263,6 +281,7 @@ def to_html(summary: Summary, title: str = "", plots: Sequence[str] = ()) -> str
     if plots:
         parts.append("<h2>Plots</h2>")
         parts += [f"<img src='{esc(p)}' alt='{esc(p)}'>" for p in plots]
+    parts += _views_html(views or {})
     if summary.masking:
         parts.append(f"<div class='warning' style='color:#a00'><h2>Warning: "
                      f"{esc(MASKING_TITLE)}</h2><p>{esc(MASKING_TEXT)}</p><ul>"

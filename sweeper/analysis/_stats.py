@@ -32,15 +32,16 @@ def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFr
     """The runs that count, with a `source` column: `confirm` or `best tune`.
 
     Per cell: its completed confirmation runs when there are any (aggregated over seeds);
-    otherwise the single completed tuning run with the best final `metric` (n = 1).
-    Pruned, failed and running trials never count.
+    of a cell that confirmed several configs (`tuned_by` groups), those of the config with
+    the best mean final `metric` (`best_confirmed`). Otherwise the single completed tuning
+    run with the best final `metric` (n = 1). Pruned, failed and running trials never count.
     """
     done = runs[runs["outcome"].eq("completed")]
     picked = []
     for _cell, group in done.groupby("cell", sort=True):
         confirm = group[group["phase"].eq("confirm")]
         if len(confirm):
-            picked.append(confirm.assign(source="confirm"))
+            picked.append(best_confirmed(confirm, metric, mode).assign(source="confirm"))
             continue
         tune = group[group["phase"].eq("tune")]
         if metric not in tune:
@@ -54,6 +55,31 @@ def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFr
     if not picked:
         return runs.iloc[0:0].assign(source=pd.Series(dtype=object))
     return pd.concat(picked, ignore_index=True)
+
+
+def n_confirmed_configs(confirm: pd.DataFrame) -> int:
+    """How many configs a cell's confirmation runs re-run: their distinct `tuned_by` tags
+    (runs of older sweeps carry none: one config)."""
+    if "tuned_by" not in confirm:
+        return 1
+    return max(1, confirm["tuned_by"].nunique(dropna=False))
+
+
+def best_confirmed(confirm: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFrame:
+    """The runs of the one config the tables report, of a cell's confirmation runs: with
+    several configs (a Pareto set), the one whose mean final `metric` over its seeds is best;
+    ties go to the earliest tuning trial id, and a config without a value never wins."""
+    if n_confirmed_configs(confirm) == 1:
+        return confirm
+    # A missing tag (NaN) keeps its runs together as one group rather than dropping them.
+    by = confirm["tuned_by"].fillna("")
+    values = pd.to_numeric(confirm[metric], errors="coerce") if metric in confirm else np.nan
+    means = pd.Series(values, index=confirm.index).groupby(by).mean().dropna()
+    if not len(means):
+        return confirm[by.eq(by.min())]
+    ranked = means.reset_index().set_axis(["tuned_by", "mean"], axis=1)
+    ranked = ranked.sort_values(["mean", "tuned_by"], ascending=[mode == "min", True])
+    return confirm[by.eq(ranked["tuned_by"].iloc[0])]
 
 
 def reported_metrics(selected: pd.DataFrame) -> tuple[str, ...]:

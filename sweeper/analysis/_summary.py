@@ -19,6 +19,7 @@ from sweeper.analysis._stats import (
     aggregate,
     best_flags,
     coverage,
+    n_confirmed_configs,
     paired_tests,
     pareto_by_scenario,
     reported_metrics,
@@ -89,6 +90,7 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     if not len(selected):
         raise NothingToAnalyse(nothing_message(cov, runs))
     notes.extend(coverage_notes(cov, selected))
+    notes.extend(several_configs_notes(runs, selected, sweep.metric))
 
     metrics = reported_metrics(selected)
     agg = aggregate(selected, metrics)
@@ -144,6 +146,22 @@ def masking_alarms(tidy: pd.DataFrame) -> list[str]:
         lines.append(f"{row.scenario}/{row.method}: PGD {pgd} vs AutoAttack {aa_text} on the "
                      f"same test images, a gap of {100 * gap:.2f} points ({runs})")
     return lines
+
+
+def several_configs_notes(runs: pd.DataFrame, selected: pd.DataFrame, metric: str) -> list[str]:
+    """One line per cell that confirmed several configs (a Pareto set): which one the tables
+    report, and where the others are."""
+    notes = []
+    for cell, group in selected[selected["source"].eq("confirm")].groupby("cell", sort=True):
+        confirm = runs[runs["cell"].eq(cell) & runs["phase"].eq("confirm")
+                       & runs["outcome"].eq("completed")]
+        n = n_confirmed_configs(confirm)
+        if n > 1:
+            notes.append(f"{cell}: confirmed {n} configs; the tables report the one with the "
+                         f"best mean {metric} over its seeds (tuned by "
+                         f"{group['tuned_by'].iloc[0]}); the rest are in pareto_configs.csv "
+                         "(source confirmed) where their means stay on the front")
+    return notes
 
 
 def nothing_message(cov: pd.DataFrame, runs: pd.DataFrame) -> str:

@@ -21,14 +21,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from sweeper.contract import (
+    CONSTRAINTS_ATTR,
+    RAY_TRIAL_ATTR,
+    STUDY_CONSTRAINTS_ATTR,
+    VALUES_ATTR,
+)
 from sweeper.space_schema import SelectionSpec
 from sweeper.spaces import Cell, SweepPlan
 
-RAY_TRIAL_ATTR = "ray_trial_id"
-VALUES_ATTR = "objective_values"  # {metric: value} of the result the trial was told with
-# Each constraint's violation, in `selection.constraints` order (<= 0: feasible); the same
-# values go to Optuna's own constraint records (`Trial.set_constraint`, keyed by metric).
-CONSTRAINTS_ATTR = "constraint_violations"
 # A violation for a constraint whose metric a result lacks (Optuna wants finite numbers).
 MISSING_VIOLATION = 1e6
 
@@ -71,8 +72,8 @@ def open_study(url: str, cell: Cell, plan: SweepPlan, index: int) -> CellStudy:
             study.set_metric_names([metric for metric, _ in sel.objectives])
         study.set_user_attr("scenario", cell.scenario)
         study.set_user_attr("method", cell.method)
-        study.set_user_attr("constraints", {m: b.model_dump(exclude_none=True)
-                                            for m, b in sel.constraints.items()})
+        study.set_user_attr(STUDY_CONSTRAINTS_ATTR, {m: b.model_dump(exclude_none=True)
+                                                     for m, b in sel.constraints.items()})
     return CellStudy(study, storage, cell, sel)
 
 

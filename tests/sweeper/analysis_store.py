@@ -164,11 +164,14 @@ class StoreWriter:
         self.artifacts = artifacts
         self.counter = 0
 
-    def sweep(self, name: str, metric: str = "val_robust_acc", mode: str = "max") -> tuple:
+    def sweep(self, name: str, metric: str = "val_robust_acc", mode: str = "max",
+              tags: dict | None = None) -> tuple:
+        """A sweep's experiment and parent run; `tags`: more parent tags (objectives,
+        optuna_storage)."""
         exp = self.client.create_experiment(f"caat-sweep/{name}",
                                             artifact_location=str(self.artifacts / name))
         parent = self.client.create_run(exp, run_name=name, tags={
-            "sweep": name, "role": "parent", "metric": metric, "mode": mode})
+            "sweep": name, "role": "parent", "metric": metric, "mode": mode, **(tags or {})})
         with tempfile.TemporaryDirectory() as tmp:
             space = Path(tmp) / "space.yaml"
             space.write_text(f"name: {name}\n")
@@ -179,12 +182,15 @@ class StoreWriter:
     def trial(self, exp: str, parent_id: str, sweep: str, scenario: str, method: str, seed: int,
               phase: str, outcome: str, test: dict | None = None, val_robust: float | None = None,
               epochs: int = 3, directions: dict | None = None,
-              classwise_extra: dict | None = None, final_extra: dict | None = None) -> str:
+              classwise_extra: dict | None = None, final_extra: dict | None = None,
+              trial_id: str | None = None, tags: dict | None = None) -> str:
+        """One trial run; `trial_id` replaces the generated one, `tags` adds tags
+        (tuned_by on confirmation runs)."""
         self.counter += 1
-        trial_id = f"{sweep}_{self.counter:04d}"
+        trial_id = trial_id or f"{sweep}_{self.counter:04d}"
         tags = {"mlflow.parentRunId": parent_id, "sweep": sweep, "role": "trial",
                 "trial_id": trial_id, "cell": f"{scenario}/{method}", "scenario": scenario,
-                "method": method, "seed": str(seed), "phase": phase}
+                "method": method, "seed": str(seed), "phase": phase, **(tags or {})}
         if outcome != "running":
             tags["outcome"] = outcome
         if outcome == "failed":
