@@ -121,8 +121,11 @@ class SweepPlan:
         return self.space.trials_per_cell if cell.space else 1
 
     def n_trials(self) -> int:
-        """Every trial the sweep runs: tuning, then one per confirmation seed, per cell."""
-        return sum(self.n_tune(c) + len(self.space.confirm.seeds) for c in self.cells)
+        """Every trial the sweep runs, at most: tuning, then one per confirmation seed and
+        confirmed config (up to `confirm.top_k` of a cell's Pareto set), per cell."""
+        confirm = len(self.space.confirm.seeds) * self.space.top_k
+        return sum(self.n_tune(c) + (confirm if c.space else len(self.space.confirm.seeds))
+                   for c in self.cells)
 
     def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None,
                      tuning: bool = False) -> dict:

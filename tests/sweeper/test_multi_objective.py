@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import optuna
 import pytest
@@ -15,6 +16,7 @@ from sweeper.search import SWEEP_KEY, CellScheduler, CellSearcher
 from sweeper.spaces import parse_space
 from trainables.errors import ConfigError
 
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 TWO = {"metrics": ["val_natural_acc", "val_robust_acc"], "modes": ["max", "max"]}
 CELL_ERM, CELL_TRADES = "pair-0.2_ir-1_eps-0.1/erm", "pair-0.2_ir-1_eps-0.1/trades"
 
@@ -209,3 +211,74 @@ def test_each_sampler_drives_a_multi_objective_study(tmp_path, sampler):
     # more distinct configs than its first generation is what shows it sampling).
     configs = {(t.params["optim.lr"], t.params["method.beta"]) for t in study.trials}
     assert len(configs) >= (5 if sampler == "nsga2" else 12)
+
+
+# ------------------------------------------------------------------- a whole sweep
+
+
+@pytest.mark.slow
+def test_theory_tradeoff_sweep_end_to_end(ray_local, tmp_path):
+    """search_spaces/theory_tradeoff.yaml at test size: two objectives and a constraint,
+    through launch, confirmation of Pareto configs and analyze, artifacts in MLflow."""
+    import pandas as pd
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from sweep_support import write_space
+
+    from sweeper.cli import main
+    from sweeper.contract import RAY_TRIAL_ATTR
+    from sweeper.tracking import Tracker
+
+    space = yaml.safe_load((SPACES / "theory_tradeoff.yaml").read_text())
+    space["base"]["dataset"].update(n_train=600, n_test=300)
+    space["base"]["scenario"] = {"meta_per_class": 10, "val_per_class": 30}
+    space["base"]["method"]["steps"] = 3
+    space["base"]["optim"]["epochs"] = 4
+    space["base"]["eval"].update(steps=5)
+    space["scenarios"] = space["scenarios"][:1]
+    space["methods"] = ["trades", "caat"]
+    del space["search"]["frl"]
+    space["trials_per_cell"] = 8
+    space["asha"]["grace_period"] = 2
+    space["selection"]["constraints"] = {"val_natural_acc": {"min": 0.3}}
+    space["optuna"]["n_startup_trials"] = 4
+    space["confirm"]["seeds"] = [1, 2]
+    path = write_space(tmp_path / "tradeoff.yaml", space)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["launch", str(path), "--storage", str(tmp_path / "runs"),
+                 "--tracking-uri", uri, "--quiet"]) == 0
+    out = tmp_path / "analysis"
+    assert main(["analyze", "theory_tradeoff", "--out", str(out), "--tracking-uri", uri]) == 0
+
+    runs = Tracker(uri, "theory_tradeoff").trial_runs()
+    confirmed = {}
+    for r in runs:
+        if r.data.tags["phase"] == "confirm":
+            confirmed.setdefault(r.data.tags["cell"], set()).add(r.data.tags["tuned_by"])
+    assert max(len(v) for v in confirmed.values()) >= 2, confirmed  # Pareto configs
+
+    importance = pd.read_csv(out / "importance.csv")
+    sums = importance.groupby(["cell", "objective"])["importance"].sum()
+    assert len(sums) == 2 * 2 and sums.to_numpy() == pytest.approx(1.0)
+
+    fronts = pd.read_csv(out / "pareto_configs.csv")
+    url = f"sqlite:///{tmp_path / 'runs' / 'theory_tradeoff' / 'optuna.db'}"
+    modes = ["max", "max"]
+    for cell in confirmed:
+        study = optuna.load_study(study_name=cell, storage=url)
+        feasible = [t for t in study.trials if t.state.name == "COMPLETE"
+                    and all(c <= 0 for c in t.user_attrs["constraint_violations"])]
+        mask = _brute_front([t.values for t in feasible], modes)
+        expected = {t.user_attrs[RAY_TRIAL_ATTR] for t, keep in zip(feasible, mask, strict=True)
+                    if keep}
+        listed = fronts[(fronts.cell == cell) & (fronts.source == "tuning")]
+        assert set(listed.trial_id) == expected, cell
+        # Every config the cell confirmed came from its tuning front.
+        assert confirmed[cell] <= expected
+
+    parent = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("caat-sweep/theory_tradeoff").experiment_id],
+        "tags.role = 'parent'")[0]
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/summary.html", "analysis/importance.csv",
+            "analysis/pareto_configs.csv"} <= logged
