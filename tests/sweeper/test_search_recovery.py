@@ -135,13 +135,25 @@ def test_driver_killed_at_every_stage_resumes_with_default_checkpoints(
     by_trial = {r.data.tags["trial_id"]: r.info.run_id for r in runs}
     kept = [t for t in finished_before if t in by_trial]
     assert kept and all(by_trial[t] == finished_before[t] for t in kept)
-    # The Optuna studies were restored, not rebuilt: they hold the trials from before the
-    # kills, each finished once, and no more trials than the space asks for.
+    # The Optuna studies live in their storage through every kill: each holds exactly one
+    # Optuna trial per Ray tuning trial of its cell (none lost, none duplicated, a trial
+    # asked for after Ray's last save adopted by its replacement), in the state the run's
+    # outcome says, and they load with plain Optuna.
     studies = study_trials(str(storage / "killed"))
-    assert all(len(per_trial) == 3 for per_trial in studies.values())
+    tuning = {r.data.tags["trial_id"]: r for r in runs if r.data.tags["phase"] == "tune"}
+    for cell, per_trial in studies.items():
+        assert sorted(per_trial) == sorted(t for t, r in tuning.items()
+                                           if r.data.tags["cell"] == cell), cell
     in_studies = {t: s for per in studies.values() for t, s in per.items()}
+    state_of = {"completed": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+    assert {t: s.state.name for t, s in in_studies.items()} == {
+        t: state_of[r.data.tags["outcome"]] for t, r in tuning.items()}
     assert {t for t in kept if t in in_studies}, "no tuning trial finished before a kill"
-    assert all(s.state.name in ("COMPLETE", "PRUNED") for s in in_studies.values())
+    import optuna
+
+    url = f"sqlite:///{storage / 'killed' / 'optuna.db'}"
+    assert {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(url)} == {
+        cell: 3 for cell in studies}
     # Every completed run has all its epochs, once each.
     for run in runs:
         if run.data.tags["outcome"] == "completed":
