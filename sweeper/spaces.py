@@ -24,9 +24,16 @@ runs (see `sweeper.search`). The format, with every key and its default::
         method.steps: 5                              # a plain value: fixed for this method
     trials_per_cell: 3           # tuning trials per cell (1 when a cell has nothing to tune)
     asha: {enabled: true, grace_period: 1, reduction_factor: 3, brackets: 1}
-    selection: {metric: val_robust_acc, mode: max}
-    confirm:                     # the best config of each cell re-run with these seeds
-      seeds: [1, 2, 3]
+    selection: {metric: val_robust_acc, mode: max}   # one val_* metric, or two or three:
+    # selection:
+    #   metrics: [val_natural_acc, val_robust_acc]    # a multi-objective study per cell
+    #   modes: [max, max]                             # default: max each
+    #   prune_on: val_robust_acc                      # what ASHA stops on (default: first)
+    #   constraints: {val_natural_acc: {min: 0.7}}    # min and/or max per val_* metric;
+    #                                                 # also with a single metric
+    confirm:                     # each cell's best config (or, with several objectives, up
+      seeds: [1, 2, 3]           # to top_k of its Pareto set) re-run with these seeds
+      top_k: null                # configs per cell: 1 for one metric, default 3 for several
       tune_test: true            # false: tuning trials skip the test split
       eval: {}                   # eval.* keys for confirmation trials only, e.g.
                                  # {autoattack: fast, autoattack_samples: 300}: AutoAttack
@@ -36,7 +43,11 @@ runs (see `sweeper.search`). The format, with every key and its default::
     max_concurrent: null         # cap on concurrent trials (null: as resources allow)
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
     keep_checkpoints: 2          # per trial, the newest (null: all; see below)
-    optuna: {seed: 0, n_startup_trials: 10}
+    optuna: {seed: 0, n_startup_trials: 10, sampler: tpe, population_size: 10}
+                                 # sampler: tpe (multi-objective TPE with several metrics),
+                                 # nsga2 (several metrics only), random; population_size:
+                                 # NSGA-II's. Studies: STORAGE/NAME/optuna.db (SQLite) or
+                                 # `launch --optuna-storage URL`, one per cell, named by it
     max_trials: 10000            # refused at launch above this (`launch --force` overrides)
 
 Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, high, log?,
@@ -46,7 +57,8 @@ start are what defines a cell, and the budget is ASHA's. Everything is validated
 sweep starts: each cell's config, its confirmation config (with `confirm.eval`), and each
 cell's config at every extreme of its space (bounds, midpoints, every choice), must be a
 valid `TrialConfig`, so a bad sweep fails at launch with one line (exit 2) instead of hours
-later in a trial. AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or
+later in a trial. A configuration breaking `selection.constraints` is never confirmed; a cell
+with no configuration within them gets no confirmation runs (a warning says so). AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or
 a scenario (which tuning trials would run) is refused.
 """
 
