@@ -93,6 +93,8 @@ DEFAULT = ["trades", "frl", "caat_original", "caat", "caat_random", "caat_loss_r
 
 COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
            "worst_class_natural_acc": "worst nat", "worst_class_robust_acc": "worst rob"}
+# AutoAttack `fast` on 1000 test images (benchmarks/autoattack_trials.py); test split only.
+AA_COLUMNS = {"autoattack_acc": "AA", "pgd_autoattack_gap": "PGD-AA gap"}
 DIAGNOSTICS = {"frac_anti_first": "anti 1st", "frac_anti_last": "anti last",
                "anti_noisy_auc_last": "AUC last", "meta_pref_noisy_auc_last": "pref AUC"}
 
@@ -149,14 +151,15 @@ def run(todo: list[tuple[dict, str]], jobs: int) -> None:
 
 def table(df: pd.DataFrame, names: list[str], split: str) -> str:
     prefix = "val_" if split == "val" else ""
-    columns = {prefix + k: 1 for k in COLUMNS} | dict.fromkeys(DIAGNOSTICS, 2)
+    shown = COLUMNS | (AA_COLUMNS if split == "test" else {})
+    columns = {prefix + k: 1 for k in shown} | dict.fromkeys(DIAGNOSTICS, 2)
     lines = []
     for scenario, block in df.groupby("scenario", sort=False):
         lines.append(f"\n{scenario} ({split} accuracy %, mean ± std over seeds; frac_anti and "
                      "AUCs of the training samples)\n")
-        lines.append("| variant | n | " + " | ".join(COLUMNS.values()) + " | "
+        lines.append("| variant | n | " + " | ".join(shown.values()) + " | "
                      + " | ".join(DIAGNOSTICS.values()) + " | min/trial |")
-        lines.append("|---|---|" + "---|" * (len(COLUMNS) + len(DIAGNOSTICS) + 1))
+        lines.append("|---|---|" + "---|" * (len(shown) + len(DIAGNOSTICS) + 1))
         lines += markdown_rows(block, names, columns)
     return "\n".join(lines)
 

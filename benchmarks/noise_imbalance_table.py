@@ -14,6 +14,8 @@ code path; finished trials are skipped, so an interrupted run continues where it
 
     python benchmarks/noise_imbalance_table.py --out results/noise_imbalance --jobs 2
     python benchmarks/noise_imbalance_table.py --out results/noise_imbalance --table-only
+
+AutoAttack's columns come from benchmarks/autoattack_trials.py, run on the saved models.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ SCENARIOS = {
 COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
            "worst_class_natural_acc": "worst-class natural",
            "worst_class_robust_acc": "worst-class robust"}
+# AutoAttack `fast` on a fixed class-balanced 1000-image subset of the same test images,
+# measured after the fact on each trial's model.pt by benchmarks/autoattack_trials.py; the
+# gap is PGD-20's accuracy on those 1000 images minus AutoAttack's ("-": not measured yet).
+AA_COLUMNS = {"autoattack_acc": "AutoAttack", "worst_class_autoattack_acc":
+              "worst-class AutoAttack", "pgd_autoattack_gap": "PGD-AA gap"}
 
 
 def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace,
@@ -107,16 +114,21 @@ def is_done(out: Path, cfg: dict) -> bool:
 
 
 def collect(root: Path) -> pd.DataFrame:
-    """One row per finished trial: test metrics in %, val robust accuracy in %, minutes, and
-    (where logged) the first and last epoch's frac_anti and the last anti_noisy_auc."""
+    """One row per finished trial: test metrics in %, val robust accuracy in %, minutes,
+    AutoAttack's (where autoattack_trials.py has attacked its model) and (where logged) the
+    first and last epoch's frac_anti and the last anti_noisy_auc."""
+    from autoattack_trials import read_result
+
     rows = []
     for path in sorted(root.glob("*/*/seed*/metrics.json")):
         m = json.loads(path.read_text())
+        aa = read_result(path.parent) or {}
         scenario, method, seed = path.parts[-4], path.parts[-3], path.parts[-2]
         history = m.get("history", [])
         first, last = (history[0], history[-1]) if history else ({}, {})
         rows.append({"scenario": scenario, "method": method, "seed": seed,
                      **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60,
+                     **{k: 100 * aa[k] if k in aa else float("nan") for k in AA_COLUMNS},
                      **{f"val_{k}": 100 * m["val"][k] for k in COLUMNS if k in m.get("val", {})},
                      "frac_anti_first": first.get("frac_anti", float("nan")),
                      "frac_anti_last": last.get("frac_anti", float("nan")),
@@ -155,9 +167,10 @@ def table(df: pd.DataFrame) -> str:
     lines = []
     for scenario, block in df.groupby("scenario", sort=False):
         lines.append(f"\n{scenario} (test accuracy %, mean ± std over seeds)\n")
-        lines.append("| method | n | " + " | ".join(COLUMNS.values()) + " | min/trial |")
-        lines.append("|---|---|" + "---|" * (len(COLUMNS) + 1))
-        lines += markdown_rows(block, METHODS, dict.fromkeys(COLUMNS, 1))
+        columns = COLUMNS | AA_COLUMNS
+        lines.append("| method | n | " + " | ".join(columns.values()) + " | min/trial |")
+        lines.append("|---|---|" + "---|" * (len(columns) + 1))
+        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1))
     return "\n".join(lines)
 
 
