@@ -22,12 +22,10 @@ import time
 
 from headless_browser import (
     Browser,
-    find_browser,
+    add_page_args,
+    cannot_capture,
+    capture,
     free_port,
-    headless,
-    parse_size,
-    save_page,
-    served,
 )
 
 from sweeper import storage
@@ -69,19 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None,
                    help="directory or cloud URI holding sweeps (default ./runs)")
     p.add_argument("--study", metavar="CELL", help="show this cell's study page instead")
-    p.add_argument("--png", help="write a screenshot of the page here")
-    p.add_argument("--dom", help="write the rendered DOM (HTML) of the page here")
-    p.add_argument("--text", help="write the page's visible text (innerText) here")
-    p.add_argument("--size", default="1600,1000", help="window WIDTH,HEIGHT in pixels")
-    p.add_argument("--timeout", type=float, default=120,
-                   help="seconds to wait for the dashboard to start and for each page state")
+    add_page_args(p, "1600,1000", "dashboard")
     args = p.parse_args(argv)
-    if not (args.png or args.dom or args.text):
-        p.error("nothing to do: give --png, --dom and/or --text")
-    if find_browser() is None:
-        print("dashboard_screenshot: no chromium found (apt-get install chromium)",
-              file=sys.stderr)
-        return 2
+    if (status := cannot_capture(p, args, "dashboard_screenshot")) is not None:
+        return status
     try:
         studies = sweep_studies(args.name, args.storage)
     except ConfigError as err:
@@ -97,20 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "sweeper.cli", "dashboard", args.name, "--port", str(port)]
     if args.storage:
         cmd += ["--storage", args.storage]
-    try:
-        with served(cmd, base + "/api/meta", args.timeout), \
-                headless(parse_size(args.size)) as browser:
-            if args.study is None:
-                label = show_studies(browser, base, list(studies), args.timeout)
-            else:
-                label = show_study(browser, base, args.study, studies[args.study],
-                                   args.timeout)
-            save_page(browser, label, png=args.png, dom=args.dom, text=args.text)
-    except RuntimeError as err:
-        print(f"dashboard_screenshot: {err}", file=sys.stderr)
-        return 1
-    return 0
 
+    def show(browser) -> str:
+        if args.study is None:
+            return show_studies(browser, base, list(studies), args.timeout)
+        return show_study(browser, base, args.study, studies[args.study], args.timeout)
+
+    return capture(cmd, base + "/api/meta", args, show, "dashboard_screenshot")
 
 if __name__ == "__main__":
     sys.exit(main())

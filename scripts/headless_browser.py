@@ -221,3 +221,40 @@ def save_page(browser: Browser, label: str, *, png: str | None = None, dom: str 
 def parse_size(text: str) -> tuple[int, int]:
     width, height = (int(v) for v in text.split(","))
     return width, height
+
+
+def add_page_args(p, size: str, server: str) -> None:
+    """The options every page-capturing script takes: outputs, window size, waits."""
+    p.add_argument("--png", help="write a screenshot of the page here")
+    p.add_argument("--dom", help="write the rendered DOM (HTML) of the page here")
+    p.add_argument("--text", help="write the page's visible text (innerText) here")
+    p.add_argument("--size", default=size, help="window WIDTH,HEIGHT in pixels")
+    p.add_argument("--timeout", type=float, default=120,
+                   help=f"seconds to wait for the {server} to start and for each page state")
+
+
+def cannot_capture(p, args, prog: str) -> int | None:
+    """Exit status 2 (with the reason on stderr) when there is nothing to capture with or
+    nothing asked for; None when the script can go on."""
+    import sys
+
+    if not (args.png or args.dom or args.text):
+        p.error("nothing to do: give --png, --dom and/or --text")
+    if find_browser() is None:
+        print(f"{prog}: no chromium found (apt-get install chromium)", file=sys.stderr)
+        return 2
+    return None
+
+
+def capture(cmd: Sequence[str], probe: str, args, show, prog: str) -> int:
+    """Serve `cmd` until `probe` answers, let `show(browser)` bring up the page (it returns
+    the page's label), save what `args` asks for; 1 when the server or page never came."""
+    import sys
+
+    try:
+        with served(cmd, probe, args.timeout), headless(parse_size(args.size)) as browser:
+            save_page(browser, show(browser), png=args.png, dom=args.dom, text=args.text)
+    except RuntimeError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    return 0

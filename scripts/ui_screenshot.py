@@ -27,12 +27,10 @@ import time
 
 from headless_browser import (
     Browser,
-    find_browser,
+    add_page_args,
+    cannot_capture,
+    capture,
     free_port,
-    headless,
-    parse_size,
-    save_page,
-    served,
 )
 
 from sweeper.cli import TRACKING_URI_HELP
@@ -163,20 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", metavar="PATH",
                    help="show the parent run's Artifacts tab with PATH selected (e.g. "
                         "analysis/summary.html) instead of the runs page")
-    p.add_argument("--png", help="write a screenshot of the page here")
-    p.add_argument("--dom", help="write the rendered DOM (HTML) of the page here")
-    p.add_argument("--text", help="write the page's visible text (innerText) here")
-    p.add_argument("--size", default="1800,1000", help="window WIDTH,HEIGHT in pixels")
     p.add_argument("--columns", default=",".join(COLUMNS),
                    help="runs-table columns to show, comma-separated MLflow column keys")
-    p.add_argument("--timeout", type=float, default=120,
-                   help="seconds to wait for the UI to start and for each page state")
+    add_page_args(p, "1800,1000", "UI")
     args = p.parse_args(argv)
-    if not (args.png or args.dom or args.text):
-        p.error("nothing to do: give --png, --dom and/or --text")
-    if find_browser() is None:
-        print("ui_screenshot: no chromium found (apt-get install chromium)", file=sys.stderr)
-        return 2
+    if (status := cannot_capture(p, args, "ui_screenshot")) is not None:
+        return status
     uri = resolve_tracking_uri(args.tracking_uri)
     exp_id, exp_name, parent, trials = sweep_runs(uri, args.name)
     if args.artifact and parent is None:
@@ -185,22 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    try:
-        with served(ui_command(uri, port), base + "/health", args.timeout), \
-                headless(parse_size(args.size)) as browser:
-            if args.artifact:
-                label = show_artifact(browser, base, exp_id, parent, args.artifact,
-                                      args.timeout)
-            else:
-                show_sweep(browser, base, exp_id, exp_name, parent, trials,
-                           args.columns.split(","), args.timeout)
-                label = f"{base}/#/experiments/{exp_id}/runs"
-            save_page(browser, label, png=args.png, dom=args.dom, text=args.text)
-    except RuntimeError as err:
-        print(f"ui_screenshot: {err}", file=sys.stderr)
-        return 1
-    return 0
 
+    def show(browser) -> str:
+        if args.artifact:
+            return show_artifact(browser, base, exp_id, parent, args.artifact, args.timeout)
+        show_sweep(browser, base, exp_id, exp_name, parent, trials,
+                   args.columns.split(","), args.timeout)
+        return f"{base}/#/experiments/{exp_id}/runs"
+
+    return capture(ui_command(uri, port), base + "/health", args, show, "ui_screenshot")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,9 @@
-"""Pareto fronts of configs: which are non-dominated, and a few spread along the front.
+"""Pareto fronts of configs: which are non-dominated, a few spread along the front, and how
+far a value breaks a constraint.
 
 Pure functions over plain arrays, shared by the searcher (which configs a cell confirms) and
-the analysis (`pareto_configs.csv`), so both call the same front the same thing.
+the analysis (`pareto_configs.csv`), so both call the same front and the same constraint
+violation the same thing.
 """
 
 from __future__ import annotations
@@ -43,3 +45,11 @@ def spread(values: Sequence[Sequence[float]], modes: Sequence[str], k: int) -> l
     order = np.lexsort(tuple(-x[:, j] for j in reversed(range(x.shape[1]))))
     ranks = sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
     return [int(order[r]) for r in ranks]
+
+
+def violation(value: float, low: float | None, high: float | None) -> float:
+    """How far `value` lies outside [low, high] (either may be open); <= 0 inside, which is
+    Optuna's sign for a satisfied constraint."""
+    over = [low - value] if low is not None else []
+    over += [value - high] if high is not None else []
+    return max(over, default=-np.inf)

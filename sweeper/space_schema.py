@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sweeper.contract import SELECTION_METRICS
+from sweeper.pareto import violation
 from trainables.config import EvalConfig, validation_message
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -128,9 +129,7 @@ class Bound(_Strict):
 
     def violation(self, value: float) -> float:
         """How far `value` lies outside the bound; <= 0 inside (Optuna's constraint sign)."""
-        over = [self.min - value] if self.min is not None else []
-        over += [value - self.max] if self.max is not None else []
-        return max(over)
+        return violation(value, self.min, self.max)
 
 
 class SelectionSpec(_Strict):

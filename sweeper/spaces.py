@@ -58,8 +58,9 @@ sweep starts: each cell's config, its confirmation config (with `confirm.eval`),
 cell's config at every extreme of its space (bounds, midpoints, every choice), must be a
 valid `TrialConfig`, so a bad sweep fails at launch with one line (exit 2) instead of hours
 later in a trial. A configuration breaking `selection.constraints` is never confirmed; a cell
-with no configuration within them gets no confirmation runs (a warning says so). AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or
-a scenario (which tuning trials would run) is refused.
+with no configuration within them gets no confirmation runs (a warning says so).
+AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or a scenario (which
+tuning trials would run) is refused.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import pandas as pd
 from sweeper.analysis._model import StudyAnalysis
 from sweeper.contract import CONSTRAINTS_ATTR, RAY_TRIAL_ATTR, STUDY_CONSTRAINTS_ATTR
 from sweeper.pareto import non_dominated
+from sweeper.pareto import violation as pareto_violation
 
 CONFIG_KEYS = ["cell", "scenario", "method", "source", "trial_id", "number", "n_seeds"]
 SOURCES = ("tuning", "confirmed")
@@ -33,9 +34,7 @@ def violation(value: float, bound: Mapping[str, float]) -> float:
     it; a missing value violates."""
     if value is None or not math.isfinite(value):
         return math.inf
-    over = [bound["min"] - value] if bound.get("min") is not None else []
-    over += [value - bound["max"]] if bound.get("max") is not None else []
-    return max(over, default=-math.inf)
+    return float(pareto_violation(value, bound.get("min"), bound.get("max")))
 
 
 def broken_text(violations: Sequence[float], constraints: Mapping[str, Mapping]) -> str:

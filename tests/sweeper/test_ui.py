@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "ui_screenshot.py"
 
 sys.path.insert(0, str(SCRIPT.parent))
-from ui_screenshot import find_browser  # noqa: E402
+from headless_browser import find_browser  # noqa: E402
 
 pytestmark = [
     # The MLflow server alone takes ~25 s to start on two cores; the generous waits (they end
