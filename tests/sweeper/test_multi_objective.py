@@ -282,3 +282,41 @@ def test_theory_tradeoff_sweep_end_to_end(ray_local, tmp_path):
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/summary.html", "analysis/importance.csv",
             "analysis/pareto_configs.csv"} <= logged
+
+
+# ------------------------------------------------------------------- the studies' storage
+
+
+def test_study_storage_defaults_to_sqlite_in_a_local_sweep_and_needs_a_url_otherwise(tmp_path):
+    from sweeper import storage as st
+
+    assert st.study_storage(str(tmp_path / "s")) == f"sqlite:///{tmp_path / 's' / 'optuna.db'}"
+    assert st.study_storage("s3://bucket/s", "postgresql://u@h/db") == "postgresql://u@h/db"
+    with pytest.raises(ConfigError, match=r"--optuna-storage: the sweep's storage "
+                                          r"s3://bucket/s is not a local directory"):
+        st.study_storage("s3://bucket/s")
+    with pytest.raises(ConfigError, match="--optuna-storage: 'optuna.db' is not a database URL"):
+        st.study_storage(str(tmp_path), "optuna.db")
+
+
+def test_launch_refuses_a_bad_study_storage_before_writing_anything(tmp_path, capsys):
+    from sweep_support import write_space
+
+    from sweeper.cli import main
+    from sweeper.search import check_study_storage
+
+    space = write_space(tmp_path / "space.yaml", tiny_space())
+    args = ["launch", str(space), "--storage", str(tmp_path / "runs"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main([*args, "--optuna-storage", "optuna.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a database URL" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    # A database that already holds one of the sweep's cells (another sweep's) is refused.
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(study_name=CELL_TRADES, storage=url)
+    with pytest.raises(ConfigError, match=r"already holds studies of this sweep's cells "
+                                          rf"\({CELL_TRADES}\)"):
+        check_study_storage(url, parse_space(tiny_space()))
+    with pytest.raises(ConfigError, match="--optuna-storage: cannot open nosuchdb://x"):
+        check_study_storage("nosuchdb://x", parse_space(tiny_space()))
