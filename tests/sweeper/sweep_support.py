@@ -58,6 +58,18 @@ def tiny_space(**top) -> dict:
     return space
 
 
+def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh interpreter that imports this checkout (for what a
+    command loads: tests of which heavy packages it imports)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def write_space(path: Path, space: dict) -> Path:
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path

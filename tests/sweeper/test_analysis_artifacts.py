@@ -7,7 +7,6 @@ the MLflow UI in headless Chromium (scripts/ui_screenshot.py --artifact)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from analysis_store import StoreWriter, build_store
 from mlflow import MlflowClient
-from sweep_support import free_port
+from sweep_support import free_port, run_python
 
 from sweeper.cli import main
 from sweeper.contract import ANALYSIS_ARTIFACTS, log_analysis, open_client, parent_run_id
@@ -139,11 +138,7 @@ def test_analyze_with_its_upload_imports_neither_ray_nor_torch(store, tmp_path):
             f"{store!r}]); "
             "print(json.dumps([code, sorted({m.split('.')[0] for m in sys.modules} "
             "& {'ray', 'torch'})]))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_python(code)
     assert "logged as artifacts analysis/" in proc.stdout
     assert json.loads(proc.stdout.splitlines()[-1]) == [0, []]
 

@@ -5,13 +5,10 @@ resolution order and path forms, the run-state table, the metric names derived f
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from sweep_support import free_port
+from sweep_support import free_port, run_python
 
 from sweeper import contract
 from sweeper.contract import resolve_tracking_uri, run_state
@@ -24,12 +21,7 @@ def heavy_imports(module: str) -> list[str]:
     """Which of ray and torch a fresh interpreter has loaded after importing `module`."""
     code = (f"import json, sys; import {module}; "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch'})))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
+    return json.loads(run_python(code).stdout.splitlines()[-1])
 
 
 def test_the_contract_imports_neither_ray_nor_torch():
