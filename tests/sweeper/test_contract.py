@@ -5,7 +5,6 @@ resolution order and path forms, the run-state table, the metric names derived f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from sweep_support import free_port, run_python
@@ -13,8 +12,6 @@ from sweep_support import free_port, run_python
 from sweeper import contract
 from sweeper.contract import resolve_tracking_uri, run_state
 from trainables.errors import ConfigError, ServiceUnavailable
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def heavy_imports(module: str) -> list[str]:
