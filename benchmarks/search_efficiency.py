@@ -1,0 +1,290 @@
+"""Search efficiency: per-cell TPE + ASHA against random search with and without ASHA, at
+the same trials per cell, on cells of the theory sweep (issue 13, part 5).
+
+Three searches, each a real sweep (`sweeper.search.launch`, no confirmation) run with each
+search seed (`optuna.seed`):
+
+- tpe_asha: the space's own settings (TPE, ASHA);
+- random_asha: `optuna.sampler: random`, the same ASHA;
+- random_full: `optuna.sampler: random`, `asha.enabled: false` (every trial runs all epochs).
+
+Each cell's trials are read back from its Optuna study, in the order they were handed out
+(trial number): a search stopped after handing out k trials has spent exactly the epochs of
+those k and knows the values of those that completed, and the sampler's k-th draw saw only
+earlier trials. Finish order would undercount: a trial ASHA stops early finishes before
+trials handed out ahead of it, whose epochs were already spent. A trial's epochs are the
+last step it logged to MLflow (a pruned trial counts the epochs it ran; the study's
+intermediate values lack the result a scheduler stopped a trial on, as Ray passes that one
+to the searcher only as the trial's end); only a COMPLETE trial's value counts (a pruned
+trial's partial value never does).
+
+The three searches share the search seeds: with the same seed, random_asha and random_full
+draw the same configs in the same order (as TPE does while in its startup trials), so the
+comparisons are paired and only ASHA, or TPE's model, makes them differ.
+
+The criterion: TPE+ASHA gets within TOLERANCE of the best value random_full finds (median
+over seeds) with at most BUDGET_SHARE of random_full's trial-epochs (median over seeds).
+
+    python benchmarks/search_efficiency.py                       # DEFAULT_CELLS, 3 seeds
+    python benchmarks/search_efficiency.py --cells '*/caat,clean_ir-1_eps-0.1/*' --seeds 1
+
+--out keeps the sweeps (`sweeps/`, `mlflow.db`) and each search's wall time: a rerun with the
+same settings reuses finished searches and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from epoch_time import cpu_name
+
+THEORY = Path(__file__).resolve().parents[1] / "search_spaces" / "theory.yaml"
+SEARCHES = {"tpe_asha": {}, "random_asha": {"optuna": {"sampler": "random"}},
+            "random_full": {"optuna": {"sampler": "random"}, "asha": {"enabled": False}}}
+# One scenario of each kind the theory sweep has, every method of the eps-0.1 clean one:
+# 8 cells, 3 x 3 searches of 8 trials each in about 20 minutes on 2 cores.
+DEFAULT_CELLS = "clean_ir-1_eps-0.1/*,uniform-0.2_ir-1_eps-0.1/caat,clean_ir-10_eps-0.1/caat"
+SEED_STRIDE = 1000  # search seeds 0, 1000, ...: a sampler's seed is optuna.seed + cell index
+TOLERANCE = 0.01
+BUDGET_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    epochs: int  # epochs the trial ran
+    value: float | None  # its selection metric if it COMPLETED, else None
+
+
+def best_so_far(trials: list[TrialRecord], mode: str = "max") -> list[tuple[int, float | None]]:
+    """(cumulative trial-epochs, best completed value so far) after each trial, in order."""
+    sign = 1 if mode == "max" else -1
+    spent, best, curve = 0, None, []
+    for t in trials:
+        spent += t.epochs
+        if t.value is not None and (best is None or sign * t.value > sign * best):
+            best = t.value
+        curve.append((spent, best))
+    return curve
+
+
+def best_within(curve: list[tuple[int, float | None]], budget: float) -> float | None:
+    """The best value known once no more than `budget` trial-epochs are spent."""
+    known = [best for spent, best in curve if spent <= budget]
+    return known[-1] if known else None
+
+
+def epochs_to_reach(curve: list[tuple[int, float | None]], target: float,
+                    mode: str = "max") -> int | None:
+    """Trial-epochs spent when the best value first reaches `target`; None: never."""
+    sign = 1 if mode == "max" else -1
+    return next((spent for spent, best in curve
+                 if best is not None and sign * best >= sign * target), None)
+
+
+def median(values: list[float | None]) -> float | None:
+    """Median of the known values; None if there are none."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def share_needed(reached: list[int | None], budget: float) -> float:
+    """Median over seeds of the share of `budget` spent when the target was reached (a seed
+    that never reached it counts as infinite)."""
+    return statistics.median(math.inf if e is None else e / budget for e in reached)
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+def subset_space(raw: dict, cell_ids: list[str], scenario_names: list[str]) -> dict:
+    """The theory space restricted to these cells (scenario names in scenario order)."""
+    out = copy.deepcopy(raw)
+    scenarios = []
+    for sc, name in zip(raw["scenarios"], scenario_names, strict=True):
+        methods = [m for m in sc.get("methods", raw["methods"]) if f"{name}/{m}" in cell_ids]
+        if methods:
+            scenarios.append({**sc, "methods": methods})
+    out["scenarios"] = scenarios
+    return out
+
+
+def search_space(base: dict, search: str, seed: int, trials: int) -> dict:
+    space = copy.deepcopy(base)
+    space.update(name=f"{search}-s{seed}", trials_per_cell=trials, confirm={"seeds": []})
+    for key, value in SEARCHES[search].items():
+        space[key] = {**space.get(key, {}), **value}
+    space["optuna"] = {**space.get("optuna", {}), "seed": seed}
+    return space
+
+
+def run_search(space: dict, out: Path, jobs: int) -> float:
+    """Run (or resume, or reuse) one search's sweep; its wall time in seconds."""
+    from sweeper import storage as st
+    from sweeper.search import SweepOptions, launch, resume
+
+    name, storage = space["name"], str(out / "sweeps")
+    text = yaml.safe_dump(space, sort_keys=False)
+    walls = out / "walls.json"
+    wall = json.loads(walls.read_text()) if walls.exists() else {}
+    options = SweepOptions(verbose=0, num_cpus=jobs)
+    t0 = time.perf_counter()
+    if st.sweep_exists(storage, name):
+        manifest = st.load_manifest(storage, name)
+        if manifest.space_text != text:
+            raise SystemExit(f"--out {out}: sweep {name} ran other settings; choose another --out")
+        if manifest.state == "done":
+            return wall[name]
+        resume(name, storage=storage, options=options)
+    else:
+        path = out / "spaces" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        launch(str(path), name=name, storage=storage,
+               tracking_uri=f"sqlite:///{out / 'mlflow.db'}", options=options)
+    if st.load_manifest(storage, name).state != "done":
+        raise SystemExit(f"sweep {name} stopped early; rerun the same command to continue")
+    wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0  # resumed: the parts add up
+    walls.write_text(json.dumps(wall, indent=1))
+    return wall[name]
+
+
+def read_sweep(out: Path, name: str, cells: list[str]) -> dict[str, list[TrialRecord]]:
+    """Each cell's tuning trials, in handed-out order: values from the cell's Optuna study,
+    epochs from MLflow (the last step the trial logged)."""
+    import optuna
+
+    from sweeper import storage as st
+    from sweeper.contract import RAY_TRIAL_ATTR
+    from sweeper.tracking import Tracker
+
+    manifest = st.load_manifest(str(out / "sweeps"), name)
+    tracker = Tracker(manifest.tracking_uri, name)
+    epochs = {r.data.tags["trial_id"]: tracker.last_step(r.info.run_id)
+              for r in tracker.trial_runs()}
+    done = optuna.trial.TrialState.COMPLETE
+    records = {}
+    for cell in cells:
+        study = optuna.load_study(study_name=cell, storage=manifest.studies_url)
+        records[cell] = [TrialRecord(epochs=epochs[t.user_attrs[RAY_TRIAL_ATTR]],
+                                     value=t.value if t.state == done else None)
+                         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    return records
+
+
+# ------------------------------------------------------------------------------ report
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else "never" if x == math.inf else format(x, spec)
+
+
+def report(curves: dict, cells: list[str], walls: dict, mode: str) -> None:
+    """curves[search][cell] = one best-so-far curve per seed."""
+    print(f"\n{'search':<12} {'best (mean over cells)':>22} {'trial-epochs':>13} {'wall s':>8}")
+    for search, per_cell in curves.items():
+        best = statistics.mean(median([c[-1][1] for c in per_cell[cell]]) for cell in cells)
+        epochs = statistics.median(sum(per_cell[cell][k][-1][0] for cell in cells)
+                                   for k in range(len(per_cell[cells[0]])))
+        wall = statistics.median(walls[search])
+        print(f"{search:<12} {best:>22.4f} {epochs:>13.0f} {wall:>8.0f}")
+    sign = 1 if mode == "max" else -1
+    print(f"\ncriterion: tpe_asha within {TOLERANCE} of random_full's best using <= "
+          f"{BUDGET_SHARE:.0%} of random_full's trial-epochs (medians over seeds)")
+    print(f"{'cell':<44} {'random_full':>11} {'tpe@50%':>8} {'gap':>7} {'tpe reach':>9} "
+          f"{'rand_asha reach':>15}  met")
+    met, gaps, rows = 0, [], []
+    for cell in cells:
+        target = median([c[-1][1] for c in curves["random_full"][cell]])
+        budget = statistics.median(c[-1][0] for c in curves["random_full"][cell])
+        at_half = median([best_within(c, BUDGET_SHARE * budget) for c in curves["tpe_asha"][cell]])
+        reach = {s: share_needed([epochs_to_reach(c, target - sign * TOLERANCE, mode)
+                                  for c in curves[s][cell]], budget)
+                 for s in ("tpe_asha", "random_asha")}
+        gap = None if at_half is None else sign * (at_half - target)
+        ok = reach["tpe_asha"] <= BUDGET_SHARE
+        met += ok
+        gaps.append(gap)
+        rows.append((target, at_half))
+        print(f"{cell:<44} {fmt(target):>11} {fmt(at_half):>8} {fmt(gap, '+.3f'):>7} "
+              f"{fmt(reach['tpe_asha'], '.0%'):>9} {fmt(reach['random_asha'], '.0%'):>15}  "
+              f"{'yes' if ok else 'NO'}")
+    known = [g for g in gaps if g is not None]
+    print(f"overall: met in {met}/{len(cells)} cells; averaged over cells, tpe_asha at "
+          f"{BUDGET_SHARE:.0%} budget is {statistics.mean(known):+.4f} from random_full's best "
+          f"({'within' if statistics.mean(known) >= -TOLERANCE else 'NOT within'} {TOLERANCE})")
+    print("gap: tpe_asha's best at 50% of the budget minus random_full's best (negative: worse);"
+          " reach: share of random_full's trial-epochs spent when first within 1 point")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", default=DEFAULT_CELLS,
+                        help="comma-separated globs of theory cell ids (scenario/method)")
+    parser.add_argument("--trials-per-cell", type=int, default=None,
+                        help="default: the theory space's")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help=f"search seeds: 0, {SEED_STRIDE}, ... (optuna.seed)")
+    parser.add_argument("--out", default="results/search_efficiency")
+    parser.add_argument("--n-startup-trials", type=int, default=None,
+                        help="tpe_asha's TPE startup trials (default: the space's)")
+    parser.add_argument("--jobs", type=int, default=2, help="CPUs for Ray (1 per trial)")
+    args = parser.parse_args()
+
+    from sweeper.spaces import load_space
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    plan = load_space(THEORY)
+    globs = args.cells.split(",")
+    cells = [c.id for c in plan.cells if any(fnmatch.fnmatch(c.id, g) for g in globs)]
+    if not cells:
+        parser.error(f"--cells: matches none of {', '.join(c.id for c in plan.cells)}")
+    base = subset_space(yaml.safe_load(THEORY.read_text()), cells,
+                        list(dict.fromkeys(c.scenario for c in plan.cells)))
+    trials = args.trials_per_cell or plan.space.trials_per_cell
+    startup = args.n_startup_trials
+    startup = plan.space.optuna.n_startup_trials if startup is None else startup
+    seeds = [SEED_STRIDE * k for k in range(args.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metric, mode = plan.space.selection.primary
+    asha = plan.space.asha
+    print(f"# command: python benchmarks/search_efficiency.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"# machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()}, python "
+          f"{platform.python_version()}; Ray with {args.jobs} CPUs, 1 per trial; load average "
+          f"at start {os.getloadavg()[0]:.1f}")
+    print(f"# budget: {len(cells)} theory cells x {trials} trials x {len(seeds)} search seeds "
+          f"{seeds} x {len(SEARCHES)} searches; {plan.cells[0].epochs} epochs a full trial; "
+          f"ASHA grace {asha.grace_period}, rf {asha.reduction_factor:g}; TPE n_startup_trials "
+          f"{startup}; selection {metric} ({mode}) on validation")
+    if startup >= trials:
+        print(f"# note: n_startup_trials {startup} >= {trials} trials per cell: TPE draws every "
+              "trial at random (its startup phase), from the same seed as random_asha")
+    print(f"# cells: {', '.join(cells)}")
+    t0 = time.perf_counter()
+    walls: dict[str, list[float]] = {s: [] for s in SEARCHES}
+    for seed in seeds:  # seed by seed: an interrupted run leaves whole seeds to report on
+        for s in SEARCHES:
+            space = search_space(base, s, seed, trials)
+            if s == "tpe_asha":
+                space["optuna"]["n_startup_trials"] = startup
+            walls[s].append(run_search(space, out, args.jobs))
+    runs = {(s, seed): read_sweep(out, f"{s}-s{seed}", cells) for s in SEARCHES for seed in seeds}
+    curves = {s: {cell: [best_so_far(runs[s, seed][cell], mode) for seed in seeds]
+                  for cell in cells} for s in SEARCHES}
+    report(curves, cells, walls, mode)
+    print(f"# this run's wall time {time.perf_counter() - t0:.0f} s (a reused search's wall "
+          f"time is its own run's); load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
