@@ -61,13 +61,28 @@ TOLERANCE = 0.01
 BUDGET_SHARE = 0.5
 
 
+Curve = list[tuple[int, float | None]]  # (cumulative trial-epochs, best value so far)
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     epochs: int  # epochs the trial ran
     value: float | None  # its selection metric if it COMPLETED, else None
 
 
-def best_so_far(trials: list[TrialRecord], mode: str = "max") -> list[tuple[int, float | None]]:
+def records(trials, epochs: dict[str, int]) -> list[TrialRecord]:
+    """Optuna trials (FrozenTrial) as records, in handed-out order; `epochs`: by Ray trial
+    id. A pruned trial's value (Optuna keeps its last intermediate one) is dropped."""
+    from optuna.trial import TrialState
+
+    from sweeper.contract import RAY_TRIAL_ATTR
+
+    return [TrialRecord(epochs[t.user_attrs[RAY_TRIAL_ATTR]],
+                        t.value if t.state == TrialState.COMPLETE else None)
+            for t in sorted(trials, key=lambda t: t.number)]
+
+
+def best_so_far(trials: list[TrialRecord], mode: str = "max") -> Curve:
     """(cumulative trial-epochs, best completed value so far) after each trial, in order."""
     sign = 1 if mode == "max" else -1
     spent, best, curve = 0, None, []
@@ -79,30 +94,44 @@ def best_so_far(trials: list[TrialRecord], mode: str = "max") -> list[tuple[int,
     return curve
 
 
-def best_within(curve: list[tuple[int, float | None]], budget: float) -> float | None:
+def best_within(curve: Curve, budget: float) -> float | None:
     """The best value known once no more than `budget` trial-epochs are spent."""
     known = [best for spent, best in curve if spent <= budget]
     return known[-1] if known else None
 
 
-def epochs_to_reach(curve: list[tuple[int, float | None]], target: float,
-                    mode: str = "max") -> int | None:
+def epochs_to_reach(curve: Curve, target: float, mode: str = "max") -> int | None:
     """Trial-epochs spent when the best value first reaches `target`; None: never."""
     sign = 1 if mode == "max" else -1
     return next((spent for spent, best in curve
                  if best is not None and sign * best >= sign * target), None)
 
 
-def median(values: list[float | None]) -> float | None:
+def median(values) -> float | None:
     """Median of the known values; None if there are none."""
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
 
 
-def share_needed(reached: list[int | None], budget: float) -> float:
-    """Median over seeds of the share of `budget` spent when the target was reached (a seed
-    that never reached it counts as infinite)."""
-    return statistics.median(math.inf if e is None else e / budget for e in reached)
+def verdict(tpe: list[Curve], full: list[Curve], mode: str = "max",
+            others: dict[str, list[Curve]] | None = None) -> dict:
+    """The criterion in one cell, from one curve per seed of tpe_asha and random_full:
+    target (random_full's final best), budget (its trial-epochs), tpe_asha's best within
+    BUDGET_SHARE of the budget and its gap to the target (negative: short of it), `reach`:
+    the share of the budget spent when first within TOLERANCE of the target, per search
+    (inf: never), and `met`. Medians over seeds; a seed that never gets there counts as
+    infinite."""
+    sign = 1 if mode == "max" else -1
+    target = median(c[-1][1] for c in full)
+    budget = statistics.median(c[-1][0] for c in full)
+    at_share = median(best_within(c, BUDGET_SHARE * budget) for c in tpe)
+    reach = {}
+    for search, curves in {"tpe_asha": tpe, **(others or {})}.items():
+        spent = [epochs_to_reach(c, target - sign * TOLERANCE, mode) for c in curves]
+        reach[search] = statistics.median(math.inf if e is None else e / budget for e in spent)
+    return {"target": target, "budget": budget, "at_share": at_share,
+            "gap": None if at_share is None else sign * (at_share - target),
+            "reach": reach, "met": reach["tpe_asha"] <= BUDGET_SHARE}
 
 
 # ------------------------------------------------------------------------------ sweeps
@@ -165,26 +194,19 @@ def read_sweep(out: Path, name: str, cells: list[str]) -> dict[str, list[TrialRe
     import optuna
 
     from sweeper import storage as st
-    from sweeper.contract import RAY_TRIAL_ATTR
     from sweeper.tracking import Tracker
 
     manifest = st.load_manifest(str(out / "sweeps"), name)
     tracker = Tracker(manifest.tracking_uri, name)
     epochs = {r.data.tags["trial_id"]: tracker.last_step(r.info.run_id)
               for r in tracker.trial_runs()}
-    done = optuna.trial.TrialState.COMPLETE
-    records = {}
-    for cell in cells:
-        study = optuna.load_study(study_name=cell, storage=manifest.studies_url)
-        records[cell] = [TrialRecord(epochs=epochs[t.user_attrs[RAY_TRIAL_ATTR]],
-                                     value=t.value if t.state == done else None)
-                         for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
-    return records
+    return {cell: records(optuna.load_study(study_name=cell, storage=manifest.studies_url)
+                          .get_trials(deepcopy=False), epochs) for cell in cells}
 
 
 # ------------------------------------------------------------------------------ report
 
-def fmt(x: float | None, spec: str = ".3f") -> str:
+def fmt(x: float | None, spec: str = ".3f") -> str:  # None: no value; inf: never
     return "-" if x is None else "never" if x == math.inf else format(x, spec)
 
 
@@ -192,38 +214,30 @@ def report(curves: dict, cells: list[str], walls: dict, mode: str) -> None:
     """curves[search][cell] = one best-so-far curve per seed."""
     print(f"\n{'search':<12} {'best (mean over cells)':>22} {'trial-epochs':>13} {'wall s':>8}")
     for search, per_cell in curves.items():
-        best = statistics.mean(median([c[-1][1] for c in per_cell[cell]]) for cell in cells)
-        epochs = statistics.median(sum(per_cell[cell][k][-1][0] for cell in cells)
-                                   for k in range(len(per_cell[cells[0]])))
+        best = statistics.mean(median(c[-1][1] for c in per_cell[cell]) for cell in cells)
+        epochs = statistics.median(sum(runs) for runs in zip(*(
+            [c[-1][0] for c in per_cell[cell]] for cell in cells), strict=True))
         wall = statistics.median(walls[search])
         print(f"{search:<12} {best:>22.4f} {epochs:>13.0f} {wall:>8.0f}")
-    sign = 1 if mode == "max" else -1
-    print(f"\ncriterion: tpe_asha within {TOLERANCE} of random_full's best using <= "
-          f"{BUDGET_SHARE:.0%} of random_full's trial-epochs (medians over seeds)")
-    print(f"{'cell':<44} {'random_full':>11} {'tpe@50%':>8} {'gap':>7} {'tpe reach':>9} "
+    share = f"{BUDGET_SHARE:.0%}"
+    print(f"\ncriterion: tpe_asha within {TOLERANCE} of random_full's best with <= {share} of "
+          f"random_full's trial-epochs (medians over seeds)")
+    print(f"{'cell':<44} {'random_full':>11} {'tpe@' + share:>8} {'gap':>7} {'tpe reach':>9} "
           f"{'rand_asha reach':>15}  met")
-    met, gaps, rows = 0, [], []
-    for cell in cells:
-        target = median([c[-1][1] for c in curves["random_full"][cell]])
-        budget = statistics.median(c[-1][0] for c in curves["random_full"][cell])
-        at_half = median([best_within(c, BUDGET_SHARE * budget) for c in curves["tpe_asha"][cell]])
-        reach = {s: share_needed([epochs_to_reach(c, target - sign * TOLERANCE, mode)
-                                  for c in curves[s][cell]], budget)
-                 for s in ("tpe_asha", "random_asha")}
-        gap = None if at_half is None else sign * (at_half - target)
-        ok = reach["tpe_asha"] <= BUDGET_SHARE
-        met += ok
-        gaps.append(gap)
-        rows.append((target, at_half))
-        print(f"{cell:<44} {fmt(target):>11} {fmt(at_half):>8} {fmt(gap, '+.3f'):>7} "
-              f"{fmt(reach['tpe_asha'], '.0%'):>9} {fmt(reach['random_asha'], '.0%'):>15}  "
-              f"{'yes' if ok else 'NO'}")
-    known = [g for g in gaps if g is not None]
-    print(f"overall: met in {met}/{len(cells)} cells; averaged over cells, tpe_asha at "
-          f"{BUDGET_SHARE:.0%} budget is {statistics.mean(known):+.4f} from random_full's best "
-          f"({'within' if statistics.mean(known) >= -TOLERANCE else 'NOT within'} {TOLERANCE})")
-    print("gap: tpe_asha's best at 50% of the budget minus random_full's best (negative: worse);"
-          " reach: share of random_full's trial-epochs spent when first within 1 point")
+    found = [verdict(curves["tpe_asha"][cell], curves["random_full"][cell], mode,
+                     {"random_asha": curves["random_asha"][cell]}) for cell in cells]
+    for cell, v in zip(cells, found, strict=True):
+        reach = v["reach"]
+        print(f"{cell:<44} {fmt(v['target']):>11} {fmt(v['at_share']):>8} "
+              f"{fmt(v['gap'], '+.3f'):>7} {fmt(reach['tpe_asha'], '.0%'):>9} "
+              f"{fmt(reach['random_asha'], '.0%'):>15}  {'yes' if v['met'] else 'NO'}")
+    gap = statistics.mean(v["gap"] for v in found if v["gap"] is not None)
+    print(f"overall: met in {sum(v['met'] for v in found)}/{len(cells)} cells; averaged over "
+          f"cells, tpe_asha's best at {share} of the budget is {gap:+.4f} from random_full's "
+          f"best ({'within' if gap >= -TOLERANCE else 'NOT within'} {TOLERANCE})")
+    print(f"gap: tpe_asha's best at {share} of random_full's trial-epochs minus random_full's "
+          f"best (negative: worse); reach: share of random_full's trial-epochs spent when "
+          f"first within {TOLERANCE} of its best")
 
 
 def main() -> None:
@@ -270,6 +284,9 @@ def main() -> None:
         print(f"# note: n_startup_trials {startup} >= {trials} trials per cell: TPE draws every "
               "trial at random (its startup phase), from the same seed as random_asha")
     print(f"# cells: {', '.join(cells)}")
+    import ray
+
+    ray.init(num_cpus=args.jobs, include_dashboard=False, log_to_driver=False)  # not timed
     t0 = time.perf_counter()
     walls: dict[str, list[float]] = {s: [] for s in SEARCHES}
     for seed in seeds:  # seed by seed: an interrupted run leaves whole seeds to report on
