@@ -1,35 +1,28 @@
 """Search efficiency: per-cell TPE + ASHA against random search with and without ASHA, at
 the same trials per cell, on cells of the theory sweep (issue 13, part 5).
 
-Three searches, each a real sweep (`sweeper.search.launch`, no confirmation) run with each
-search seed (`optuna.seed`):
+Three searches, each a sweep (`sweeper.search.launch`, no confirmation), per search seed:
+tpe_asha (the space's settings: TPE, ASHA), random_asha (`optuna.sampler: random`, same
+ASHA) and random_full (random, `asha.enabled: false`). With the same seed, random_asha and
+random_full draw the same configs in the same order (as TPE does in its startup trials):
+the comparisons are paired, and only ASHA, or TPE's model, makes them differ.
 
-- tpe_asha: the space's own settings (TPE, ASHA);
-- random_asha: `optuna.sampler: random`, the same ASHA;
-- random_full: `optuna.sampler: random`, `asha.enabled: false` (every trial runs all epochs).
+Each cell's trials are read in the order they were handed out (Optuna trial number): a
+search stopped after handing out k trials has spent exactly those k trials' epochs, and the
+sampler's k-th draw saw only earlier trials. Finish order would undercount: a trial ASHA
+stops finishes before trials handed out ahead of it, whose epochs were spent already. A
+trial's epochs are the last step it logged to MLflow (the study's intermediate values lack
+the result the scheduler stopped a trial on: Ray hands that one to the searcher only as the
+trial's end); only a COMPLETE trial's value counts, never a pruned trial's partial one.
 
-Each cell's trials are read back from its Optuna study, in the order they were handed out
-(trial number): a search stopped after handing out k trials has spent exactly the epochs of
-those k and knows the values of those that completed, and the sampler's k-th draw saw only
-earlier trials. Finish order would undercount: a trial ASHA stops early finishes before
-trials handed out ahead of it, whose epochs were already spent. A trial's epochs are the
-last step it logged to MLflow (a pruned trial counts the epochs it ran; the study's
-intermediate values lack the result a scheduler stopped a trial on, as Ray passes that one
-to the searcher only as the trial's end); only a COMPLETE trial's value counts (a pruned
-trial's partial value never does).
-
-The three searches share the search seeds: with the same seed, random_asha and random_full
-draw the same configs in the same order (as TPE does while in its startup trials), so the
-comparisons are paired and only ASHA, or TPE's model, makes them differ.
-
-The criterion: TPE+ASHA gets within TOLERANCE of the best value random_full finds (median
-over seeds) with at most BUDGET_SHARE of random_full's trial-epochs (median over seeds).
+The criterion: TPE+ASHA gets within TOLERANCE of the best value random_full finds with at
+most BUDGET_SHARE of random_full's trial-epochs (medians over the seeds).
 
     python benchmarks/search_efficiency.py                       # DEFAULT_CELLS, 3 seeds
     python benchmarks/search_efficiency.py --cells '*/caat,clean_ir-1_eps-0.1/*' --seeds 1
 
---out keeps the sweeps (`sweeps/`, `mlflow.db`) and each search's wall time: a rerun with the
-same settings reuses finished searches and resumes an interrupted one.
+--out keeps the sweeps and each search's wall time: the same command again reuses finished
+searches and resumes an interrupted one (its wall time is then its last part's).
 """
 
 from __future__ import annotations
@@ -47,8 +40,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import yaml
 from epoch_time import cpu_name
+from optuna.trial import TrialState
+
+from sweeper import storage as st
+from sweeper.contract import RAY_TRIAL_ATTR
+from sweeper.tracking import Tracker
 
 THEORY = Path(__file__).resolve().parents[1] / "search_spaces" / "theory.yaml"
 SEARCHES = {"tpe_asha": {}, "random_asha": {"optuna": {"sampler": "random"}},
@@ -59,7 +58,6 @@ DEFAULT_CELLS = "clean_ir-1_eps-0.1/*,uniform-0.2_ir-1_eps-0.1/caat,clean_ir-10_
 SEED_STRIDE = 1000  # search seeds 0, 1000, ...: a sampler's seed is optuna.seed + cell index
 TOLERANCE = 0.01
 BUDGET_SHARE = 0.5
-
 
 Curve = list[tuple[int, float | None]]  # (cumulative trial-epochs, best value so far)
 
@@ -73,10 +71,6 @@ class TrialRecord:
 def records(trials, epochs: dict[str, int]) -> list[TrialRecord]:
     """Optuna trials (FrozenTrial) as records, in handed-out order; `epochs`: by Ray trial
     id. A pruned trial's value (Optuna keeps its last intermediate one) is dropped."""
-    from optuna.trial import TrialState
-
-    from sweeper.contract import RAY_TRIAL_ATTR
-
     return [TrialRecord(epochs[t.user_attrs[RAY_TRIAL_ATTR]],
                         t.value if t.state == TrialState.COMPLETE else None)
             for t in sorted(trials, key=lambda t: t.number)]
@@ -148,18 +142,20 @@ def subset_space(raw: dict, cell_ids: list[str], scenario_names: list[str]) -> d
     return out
 
 
-def search_space(base: dict, search: str, seed: int, trials: int) -> dict:
+def search_space(base: dict, search: str, seed: int, trials: int, startup: int) -> dict:
+    """One search's space; `startup`: TPE's n_startup_trials (tpe_asha only)."""
     space = copy.deepcopy(base)
     space.update(name=f"{search}-s{seed}", trials_per_cell=trials, confirm={"seeds": []})
     for key, value in SEARCHES[search].items():
         space[key] = {**space.get(key, {}), **value}
     space["optuna"] = {**space.get("optuna", {}), "seed": seed}
+    if search == "tpe_asha":
+        space["optuna"]["n_startup_trials"] = startup
     return space
 
 
 def run_search(space: dict, out: Path, jobs: int) -> float:
     """Run (or resume, or reuse) one search's sweep; its wall time in seconds."""
-    from sweeper import storage as st
     from sweeper.search import SweepOptions, launch, resume
 
     name, storage = space["name"], str(out / "sweeps")
@@ -183,7 +179,7 @@ def run_search(space: dict, out: Path, jobs: int) -> float:
                tracking_uri=f"sqlite:///{out / 'mlflow.db'}", options=options)
     if st.load_manifest(storage, name).state != "done":
         raise SystemExit(f"sweep {name} stopped early; rerun the same command to continue")
-    wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0  # resumed: the parts add up
+    wall[name] = time.perf_counter() - t0
     walls.write_text(json.dumps(wall, indent=1))
     return wall[name]
 
@@ -191,11 +187,6 @@ def run_search(space: dict, out: Path, jobs: int) -> float:
 def read_sweep(out: Path, name: str, cells: list[str]) -> dict[str, list[TrialRecord]]:
     """Each cell's tuning trials, in handed-out order: values from the cell's Optuna study,
     epochs from MLflow (the last step the trial logged)."""
-    import optuna
-
-    from sweeper import storage as st
-    from sweeper.tracking import Tracker
-
     manifest = st.load_manifest(str(out / "sweeps"), name)
     tracker = Tracker(manifest.tracking_uri, name)
     epochs = {r.data.tags["trial_id"]: tracker.last_step(r.info.run_id)
@@ -265,8 +256,8 @@ def main() -> None:
     base = subset_space(yaml.safe_load(THEORY.read_text()), cells,
                         list(dict.fromkeys(c.scenario for c in plan.cells)))
     trials = args.trials_per_cell or plan.space.trials_per_cell
-    startup = args.n_startup_trials
-    startup = plan.space.optuna.n_startup_trials if startup is None else startup
+    startup = (plan.space.optuna.n_startup_trials if args.n_startup_trials is None
+               else args.n_startup_trials)
     seeds = [SEED_STRIDE * k for k in range(args.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,10 +282,8 @@ def main() -> None:
     walls: dict[str, list[float]] = {s: [] for s in SEARCHES}
     for seed in seeds:  # seed by seed: an interrupted run leaves whole seeds to report on
         for s in SEARCHES:
-            space = search_space(base, s, seed, trials)
-            if s == "tpe_asha":
-                space["optuna"]["n_startup_trials"] = startup
-            walls[s].append(run_search(space, out, args.jobs))
+            walls[s].append(run_search(search_space(base, s, seed, trials, startup), out,
+                                       args.jobs))
     runs = {(s, seed): read_sweep(out, f"{s}-s{seed}", cells) for s in SEARCHES for seed in seeds}
     curves = {s: {cell: [best_so_far(runs[s, seed][cell], mode) for seed in seeds]
                   for cell in cells} for s in SEARCHES}

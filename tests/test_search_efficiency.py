@@ -106,8 +106,9 @@ def test_subset_space_keeps_only_the_chosen_cells():
 
 def test_search_spaces_differ_only_in_sampler_and_asha():
     base = {"asha": {"grace_period": 4}, "optuna": {"n_startup_trials": 3}, "confirm": {}}
-    tpe, rand, rfull = (se.search_space(base, s, 7, 5) for s in se.SEARCHES)
-    assert tpe["optuna"] == {"n_startup_trials": 3, "seed": 7}
+    tpe, rand, rfull = (se.search_space(base, s, 7, 5, startup=2) for s in se.SEARCHES)
+    assert tpe["optuna"] == {"n_startup_trials": 2, "seed": 7}
+    assert rand["optuna"] == {"n_startup_trials": 3, "seed": 7, "sampler": "random"}
     assert rand["optuna"]["sampler"] == "random" and rand["asha"] == {"grace_period": 4}
     assert rfull["asha"] == {"grace_period": 4, "enabled": False}
     assert {s["trials_per_cell"] for s in (tpe, rand, rfull)} == {5}
