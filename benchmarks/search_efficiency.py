@@ -22,7 +22,8 @@ most BUDGET_SHARE of random_full's trial-epochs (medians over the seeds).
     python benchmarks/search_efficiency.py --cells '*/caat,clean_ir-1_eps-0.1/*' --seeds 1
 
 --out keeps the sweeps and each search's wall time: the same command again reuses finished
-searches and resumes an interrupted one (its wall time is then its last part's).
+searches and resumes an interrupted one (flagged in the output: a resumed study reseeds its
+sampler, so its remaining trials are no longer paired, and its wall time is its last part's).
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def run_search(space: dict, out: Path, jobs: int) -> float:
             raise SystemExit(f"--out {out}: sweep {name} ran other settings; choose another --out")
         if manifest.state == "done":
             return wall[name]
+        # A resumed study reseeds its sampler: the trials left are drawn afresh, unpaired.
+        wall["resumed"] = sorted({*wall.get("resumed", []), name})
         resume(name, storage=storage, options=options)
     else:
         path = out / "spaces" / f"{name}.yaml"
@@ -288,6 +291,9 @@ def main() -> None:
     curves = {s: {cell: [best_so_far(runs[s, seed][cell], mode) for seed in seeds]
                   for cell in cells} for s in SEARCHES}
     report(curves, cells, walls, mode)
+    if resumed := json.loads((out / "walls.json").read_text()).get("resumed"):
+        print(f"# resumed after an interruption: {', '.join(resumed)} (their remaining trials "
+              "drew other configs than the other searches' same seed; wall time: last part)")
     print(f"# this run's wall time {time.perf_counter() - t0:.0f} s (a reused search's wall "
           f"time is its own run's); load average at end {os.getloadavg()[0]:.1f}")
 
