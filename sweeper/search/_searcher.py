@@ -89,6 +89,11 @@ class CellSearcher(Searcher):
         rec = self._trials.get(trial_id)
         if rec is None or trial_id in self._ended:
             return
+        if result:
+            # Ray hands a result its scheduler answered STOP to on_trial_complete only:
+            # it is still the trial's last intermediate value (a PRUNED single-objective
+            # trial is ranked by it).
+            self.on_trial_result(trial_id, result)
         outcome = trial_outcome(rec, result, error)
         watched = [m for m, _ in self.selection.objectives] + list(self.selection.constraints)
         values = {m: float(result[m]) for m in watched

@@ -96,6 +96,12 @@ def test_searcher_hands_out_cells_round_robin_then_confirms_the_best(tmp_path):
     searcher.flush()
     assert _states(_url(tmp_path)) == {CELL_ERM: ["COMPLETE", "PRUNED"],
                                        CELL_TRADES: ["FAIL", "COMPLETE"]}
+    import optuna
+
+    erm = optuna.load_study(study_name=CELL_ERM, storage=_url(tmp_path)).trials
+    # The result ASHA stopped on (seen only by on_trial_complete) is the last step.
+    assert erm[0].intermediate_values == {1: 0.5, 3: 0.8}
+    assert erm[1].intermediate_values == {1: 0.2} and erm[1].value == 0.2
 
 
 def test_verdicts_reach_the_study_one_save_late_and_a_lost_trial_is_adopted(tmp_path):
