@@ -255,7 +255,7 @@ def test_theory_tradeoff_sweep_end_to_end(ray_local, tmp_path):
     for r in runs:
         if r.data.tags["phase"] == "confirm":
             confirmed.setdefault(r.data.tags["cell"], set()).add(r.data.tags["tuned_by"])
-    assert max(len(v) for v in confirmed.values()) >= 2, confirmed  # Pareto configs
+    assert set(confirmed) == {"clean_ir-1_eps-0.1/trades", "clean_ir-1_eps-0.1/caat"}
 
     importance = pd.read_csv(out / "importance.csv")
     sums = importance.groupby(["cell", "objective"])["importance"].sum()
@@ -273,8 +273,11 @@ def test_theory_tradeoff_sweep_end_to_end(ray_local, tmp_path):
                     if keep}
         listed = fronts[(fronts.cell == cell) & (fronts.source == "tuning")]
         assert set(listed.trial_id) == expected, cell
-        # Every config the cell confirmed came from its tuning front.
+        # The cell confirmed configs of its tuning front: all of it, or top_k spread along
+        # it. (How many the front holds depends on how the trials came out; a front of one
+        # config that dominates the rest is a legitimate outcome at this size.)
         assert confirmed[cell] <= expected
+        assert len(confirmed[cell]) == min(space["confirm"]["top_k"], len(expected)), cell
 
     parent = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("caat-sweep/theory_tradeoff").experiment_id],
