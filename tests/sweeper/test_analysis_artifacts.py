@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from analysis_store import StoreWriter, build_store
 from mlflow import MlflowClient
-from sweep_support import free_port, run_python
+from sweep_support import free_port, needs_chromium, run_python
 
 from sweeper.cli import main
 from sweeper.contract import ANALYSIS_ARTIFACTS, log_analysis, open_client, parent_run_id
@@ -22,8 +22,6 @@ from trainables.errors import ServiceUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "ui_screenshot.py"
-sys.path.insert(0, str(SCRIPT.parent))
-from headless_browser import find_browser  # noqa: E402
 
 WARNING = "warning: outputs not logged to MLflow"
 
@@ -144,8 +142,7 @@ def test_analyze_with_its_upload_imports_neither_ray_nor_torch(store, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(find_browser() is None,
-                    reason="no chromium: `make test` installs it (apt-get install chromium)")
+@needs_chromium
 def test_the_mlflow_ui_shows_the_analysis_beside_the_parent_run(tmp_path):
     uri = build_store(tmp_path)
     out = tmp_path / "out"

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sweep_support import CLI, free_port, wait_http
+from sweep_support import CLI, free_port, needs_chromium, wait_http
 
 from sweeper import storage
 from sweeper.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "dashboard_screenshot.py"
-sys.path.insert(0, str(SCRIPT.parent))
-from headless_browser import find_browser  # noqa: E402
 
 CELLS = ("clean/caat", "noisy20/trades")
 METRIC = "val_robust_acc"
@@ -164,13 +162,10 @@ def _listening_addresses(port: int) -> set[str]:
 
 # ------------------------------------------------------------------------------ Chromium
 
+
+
 # optuna-dashboard starts in seconds; the generous waits in the script (they end as soon as
 # the page shows what is awaited) are for a loaded CI machine.
-needs_chromium = pytest.mark.skipif(
-    find_browser() is None, reason="no chromium: `make test` installs it (apt-get install "
-                                   "chromium)")
-
-
 def screenshot_text(tmp_path: Path, where: str, *options: str) -> str:
     text = tmp_path / "dashboard.txt"
     proc = subprocess.run([sys.executable, str(SCRIPT), "dash", "--storage", where, *options,

@@ -8,19 +8,16 @@ from pathlib import Path
 
 import pytest
 from analysis_store import SCENARIOS, StoreWriter
+from sweep_support import needs_chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "ui_screenshot.py"
-
-sys.path.insert(0, str(SCRIPT.parent))
-from headless_browser import find_browser  # noqa: E402
 
 pytestmark = [
     # The MLflow server alone takes ~25 s to start on two cores; the generous waits (they end
     # as soon as the page shows what is awaited) are for a loaded CI machine.
     pytest.mark.slow,
-    pytest.mark.skipif(find_browser() is None,
-                       reason="no chromium: `make test` installs it (apt-get install chromium)"),
+    needs_chromium,
 ]
 
 
