@@ -33,6 +33,7 @@ class CellSearcher(Searcher):
         self.selection = plan.space.selection
         self.studies_url = studies_url  # None: bookkeeping only (reading a saved state)
         self.scheduler = scheduler
+        self._cells = {c.id: (i, c) for i, c in enumerate(plan.cells)}  # id -> (index, cell)
         self._studies: dict[str, CellStudy] = {}  # opened on first use, never pickled
         self._trials: dict[str, dict[str, Any]] = {}  # trial id -> entry + params
         self._issued = {c.id: 0 for c in plan.cells}  # tuning trials handed out
@@ -41,6 +42,8 @@ class CellSearcher(Searcher):
         self._ended: dict[str, tuple[str, dict[str, float]]] = {}
         self._numbers: dict[str, int] = {}  # tuning trial id -> its number in its study
         self._cursor = 0
+        # A cell's confirmed configs, once its tuning is done (they cannot change after).
+        self._picks: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         # Verdicts reach the studies one save late (see `save`): those recorded since the
         # last save, and those the last save wrote (told at the next one).
         self._unsaved: set[str] = set()
@@ -56,7 +59,7 @@ class CellSearcher(Searcher):
         if cell.id not in self._studies:
             if self.studies_url is None:
                 raise RuntimeError("CellSearcher without a study storage cannot search")
-            index = [c.id for c in self.plan.cells].index(cell.id)
+            index = self._cells[cell.id][0]
             self._studies[cell.id] = open_study(self.studies_url, cell, self.plan, index)
         return self._studies[cell.id]
 
@@ -104,9 +107,9 @@ class CellSearcher(Searcher):
     def _tell(self, trial_ids) -> None:
         """Tell the studies how these ended tuning trials ended (a trial told before keeps
         its first verdict)."""
-        for tid in sorted(trial_ids, key=list(self._trials).index):
-            rec = self._trials[tid]
-            if rec["phase"] != TUNE or tid not in self._numbers or tid not in self._ended:
+        for tid, rec in self._trials.items():  # in handed-out order
+            if (tid not in trial_ids or rec["phase"] != TUNE or tid not in self._numbers
+                    or tid not in self._ended):
                 continue
             study = self._study(self._cell(rec["cell"]))
             if study is not None:
@@ -116,7 +119,7 @@ class CellSearcher(Searcher):
     # -- bookkeeping
 
     def _cell(self, cell_id: str) -> Cell:
-        return next(c for c in self.plan.cells if c.id == cell_id)
+        return self._cells[cell_id][1]
 
     def _next_tuning_cell(self) -> Cell | None:
         cells = self.plan.cells
@@ -166,7 +169,16 @@ class CellSearcher(Searcher):
 
     def confirm_configs(self, cell_id: str) -> list[tuple[str, dict[str, Any]]]:
         """(tuning trial id, params) of the configs the cell confirms: its best (one
-        objective), or up to `confirm.top_k` of its Pareto set spread along the front."""
+        objective), or up to `confirm.top_k` of its Pareto set spread along the front.
+        Ray asks for trials often; once the cell's tuning is done the answer is kept."""
+        if cell_id in self._picks:
+            return self._picks[cell_id]
+        picks = self._choose(cell_id)
+        if self._tuning_done(self._cell(cell_id)):
+            self._picks[cell_id] = picks
+        return picks
+
+    def _choose(self, cell_id: str) -> list[tuple[str, dict[str, Any]]]:
         if not self.selection.multi:
             best = self.best(cell_id)
             return [] if best is None else [(best[0], best[2])]
@@ -249,6 +261,7 @@ class CellSearcher(Searcher):
         self._confirmed, self._ended = dict(state.confirmed), dict(state.ended)
         self._cursor, self._numbers = state.cursor, dict(state.study_numbers)
         self._studies = {}  # reopened (with a fresh sampler seed) on next use
+        self._picks = {}
         if self.scheduler is not None and state.schedulers:
             self.scheduler.restore_cells(state.schedulers)
         if self.studies_url is not None:

@@ -60,13 +60,16 @@ def open_study(url: str, cell: Cell, plan: SweepPlan, index: int) -> CellStudy:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sel = plan.space.selection
     storage = optuna.storages.RDBStorage(url)
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
-    n_existing = existing[cell.id].n_trials if cell.id in existing else 0
+    try:
+        n_existing = storage.get_n_trials(storage.get_study_id_from_name(cell.id))
+        new = False
+    except KeyError:  # Optuna's "no such study"
+        n_existing, new = 0, True
     study = optuna.create_study(
         storage=storage, study_name=cell.id, load_if_exists=True,
         sampler=make_sampler(plan, index, n_existing),
         directions=["maximize" if mode == "max" else "minimize" for _, mode in sel.objectives])
-    if cell.id not in existing:
+    if new:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([metric for metric, _ in sel.objectives])
