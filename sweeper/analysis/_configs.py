@@ -76,9 +76,9 @@ def confirmed_configs(cell_runs: pd.DataFrame, study: Any | None, metrics: Seque
                      & cell_runs["tuned_by"].notna()]
     tuned = {} if study is None else {t.user_attrs.get(RAY_TRIAL_ATTR): t
                                       for t in study.get_trials(deepcopy=False)}
+    wanted = list(dict.fromkeys([*metrics, *constraints]))
     rows = []
     for tuned_by, group in done.groupby("tuned_by", sort=True):
-        wanted = list(dict.fromkeys([*metrics, *constraints]))
         means = {m: float(pd.to_numeric(group[m], errors="coerce").mean()) if m in group
                  else math.nan for m in wanted}
         violations = [violation(means[m], bound) for m, bound in constraints.items()]
