@@ -26,7 +26,14 @@ import torch
 
 from trainables import methods
 from trainables.config import load_config
-from trainables.trial import build_model, build_problem, method_data, resolve_device, train_epoch
+from trainables.trial import (
+    build_model,
+    build_problem,
+    make_optimizer,
+    method_data,
+    resolve_device,
+    train_epoch,
+)
 
 # Unavoidable full forward+backward passes per batch, as a function of the attack steps K.
 FLOOR_PASSES = {
@@ -109,8 +116,8 @@ def setup(method_name: str, args: argparse.Namespace) -> Bench:
     torch.manual_seed(0)
     problem = build_problem(cfg, device)
     model = build_model(cfg, problem, device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
-    method = methods.build(method_name, model, cfg, method_data(problem, device))
+    opt = make_optimizer(cfg, model)
+    method = methods.build(method_name, model, cfg, method_data(problem, device, opt))
     return Bench(method_name, cfg, problem, model, opt, method, device,
                  len(problem.train_y) // cfg.optim.batch_size)
 

@@ -58,7 +58,7 @@ def preference_parts(method, batch: methods.Batch, lr: float) -> dict[str, np.nd
                                          w["ce"], w["kl"])
                     + (w["anti"] * ce_anti).mean())
     virtual = virtual_step(virtual_loss, model_params(method.model), lr=lr,
-                           weight_decay=cfg.optim.weight_decay)
+                           sgd=method.meta.lookahead())
     meta = method.meta_objective()(virtual)
     grads = torch.autograd.grad(meta, list(w.values()))
     out = {f"benefit_{k}": -g.detach().numpy() for k, g in zip(w, grads, strict=True)}

@@ -28,14 +28,25 @@ class _Strict(BaseModel):
 # Attack radii used when a config leaves eps unset (the literature's defaults).
 DEFAULT_EPS = {"fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "gmm": 0.1,
                "synthetic": 8 / 255}
-# Meta-learning defaults per method, used when a config leaves them unset.
-# caat: Adam lr 1e-4 (the original's lr), chosen on the validation split among 1e-2, 1e-3
-# and 1e-4 at a meta step every 5 batches; then every 20 batches rather than 5: equal on
-# validation, at a quarter of the meta steps' cost (README, "What CAAT's meta-net learns").
-# mwn: as the project ran Meta-Weight-Net before (Adam 1e-3 every 50 batches).
-META_DEFAULTS = {"caat": {"meta_interval": 20, "meta_lr": 1e-4},
-                 "mwn": {"meta_interval": 50, "meta_lr": 1e-3}}
-META_FALLBACK = {"meta_interval": 50, "meta_lr": 1e-3}
+# Per-method defaults of the knobs a config leaves unset (None), each from the method's own
+# reference code unless a measurement here chose otherwise.
+# caat: meta Adam lr 1e-4 and weight decay 5e-4 (xiaolingzhou98/CAAT `CAAT.py`); the lr was
+# chosen on the validation split among 1e-2, 1e-3 and 1e-4 at a meta step every 5 batches;
+# then every 20 batches rather than the original's 50 or 5: equal on validation, at a
+# quarter of the meta steps' cost (README, "What CAAT's meta-net learns"). Bound scales
+# clipped to [0.98, 2.5] and a fixed attack step at the class bounds, as CAAT's `utils.py`.
+# mwn: Adam 1e-3 with weight decay 1e-4 (xjtushujun/meta-weight-net `MW-Net.py`); a meta
+# step every 50 batches rather than every batch, for cost.
+# frl: bound scales up to 3 and an attack step of max_i(eps_i)/4 at the class bounds
+# (hannxu123/fair_robust `utils_frl2.py`).
+METHOD_DEFAULTS = {
+    "caat": {"meta_interval": 20, "meta_lr": 1e-4, "meta_weight_decay": 5e-4,
+             "margin_limit": 2.5, "bound_step": "fixed"},
+    "mwn": {"meta_interval": 50, "meta_lr": 1e-3, "meta_weight_decay": 1e-4},
+    "frl": {"margin_limit": 3.0, "bound_step": "max_bound"},
+}
+DEFAULT_FALLBACK = {"meta_interval": 50, "meta_lr": 1e-3, "meta_weight_decay": 1e-4,
+                    "margin_limit": 2.5, "bound_step": "fixed"}
 
 
 class DatasetConfig(_Strict):
@@ -106,7 +117,7 @@ class MethodConfig(_Strict):
     direction_policy: Literal["meta", "random", "loss_rank"] = "meta"
     anti_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
     # Batches between meta steps, and the meta-net's Adam learning rate; None: the
-    # method's default (META_DEFAULTS).
+    # method's default (METHOD_DEFAULTS).
     meta_interval: int | None = Field(default=None, ge=1)
     meta_lr: float | None = Field(default=None, gt=0.0)
     meta_hidden: int = Field(default=100, ge=1)
@@ -114,14 +125,29 @@ class MethodConfig(_Strict):
     directions: Literal["chosen", "both"] = "chosen"
     bound_mode: Literal["class", "sample"] = "class"
     bound_range: tuple[float, float] = (0.5, 1.5)
-    # FRL-style multipliers (CAAT and FRL)
+    # The meta-net's Adam weight decay; None: the method's default.
+    meta_weight_decay: float | None = Field(default=None, ge=0.0)
+    # FRL's class multipliers (CAAT and FRL), by FRL's update rule
     frl_mode: Literal["reweight", "remargin", "both"] = "both"
     tolerance: float = Field(default=0.05, ge=0.0)  # error gap tolerated before a push
     reweight_rate: float = Field(default=0.05, ge=0.0)
+    # Epochs between halvings of reweight_rate (both references: 40); null: never.
+    reweight_halving: int | None = Field(default=40, ge=1)
     remargin_rate: float = Field(default=0.2, ge=0.0)
     # Cap on the total of the reweight multipliers; <= 1 keeps every class weight >= 0.
     weight_limit: float = Field(default=0.5, gt=0.0, le=1.0)
-    margin_limit: float = Field(default=2.5, ge=1.0)  # largest class bound scale
+    # Class bound scales exp(2 lam2) are clipped to [margin_floor, margin_limit]; None: the
+    # method's default limit (FRL 3, CAAT 2.5).
+    margin_floor: float = Field(default=0.98, gt=0.0, le=1.0)
+    margin_limit: float | None = Field(default=None, ge=1.0)
+    # Where the class errors are measured on the meta set: `eval_bound`, the evaluation
+    # attack (eval.eps, eval.steps, eval.step_size), as both references; or `class_bound`,
+    # each class at its own widened bound with the training attack.
+    frl_measure: Literal["eval_bound", "class_bound"] = "eval_bound"
+    # The attack step at class bounds: `fixed` (step_size, as CAAT) or `max_bound`
+    # (step_size * the batch's largest bound scale, FRL's max_i(eps_i)/4); None: the
+    # method's default.
+    bound_step: Literal["fixed", "max_bound"] | None = None
 
     @model_validator(mode="after")
     def _range_ordered(self) -> MethodConfig:
@@ -212,19 +238,31 @@ class TrialConfig(_Strict):
     def train_step_size(self) -> float:
         return self.method.step_size if self.method.step_size is not None else self.train_eps / 4
 
-    def _meta_default(self, key: str) -> Any:
+    def _method_default(self, key: str) -> Any:
         value = getattr(self.method, key)
         if value is not None:
             return value
-        return META_DEFAULTS.get(self.method.name, META_FALLBACK)[key]
+        return METHOD_DEFAULTS.get(self.method.name, {}).get(key, DEFAULT_FALLBACK[key])
 
     @property
     def meta_interval(self) -> int:
-        return self._meta_default("meta_interval")
+        return self._method_default("meta_interval")
 
     @property
     def meta_lr(self) -> float:
-        return self._meta_default("meta_lr")
+        return self._method_default("meta_lr")
+
+    @property
+    def meta_weight_decay(self) -> float:
+        return self._method_default("meta_weight_decay")
+
+    @property
+    def margin_limit(self) -> float:
+        return self._method_default("margin_limit")
+
+    @property
+    def bound_step(self) -> str:
+        return self._method_default("bound_step")
 
     @property
     def eval_eps(self) -> float:
@@ -241,6 +279,8 @@ class TrialConfig(_Strict):
         out["method"]["step_size"] = self.train_step_size
         out["method"]["meta_interval"] = self.meta_interval
         out["method"]["meta_lr"] = self.meta_lr
+        for key in ("meta_weight_decay", "margin_limit", "bound_step"):
+            out["method"][key] = getattr(self, key)
         out["eval"]["eps"] = self.eval_eps
         out["eval"]["step_size"] = self.eval_step_size
         return out

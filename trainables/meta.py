@@ -4,13 +4,15 @@ A meta-net maps per-sample features to per-sample weights. It is trained by look
 step ahead: a virtual SGD step of the model on the meta-weighted training loss (taken
 functionally with `torch.func.functional_call`, graph kept, no in-place parameter
 surgery), then a loss on a clean meta batch at the virtual weights, whose gradient flows
-back through the virtual step into the meta-net only.
+back through the virtual step into the meta-net only. The virtual step is whatever its
+method's reference takes: CAAT's is the model optimiser's own next step (momentum, Nesterov
+and weight decay included), Meta-Weight-Net's a plain theta - lr * grad.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -89,11 +91,55 @@ def model_params(model: nn.Module) -> Params:
     return dict(model.named_parameters())
 
 
+@dataclass(frozen=True)
+class SGDLookahead:
+    """The next step of an SGD optimiser, as ``torch.optim.SGD`` would take it: its
+    hyper-parameters and, per parameter name, its momentum buffer (None before the first
+    step). ``plain()`` is theta - lr * grad, nothing else (Meta-Weight-Net's virtual step)."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    buffers: Mapping[str, torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def plain(cls) -> SGDLookahead:
+        return cls()
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, model: nn.Module) -> SGDLookahead:
+        """The look-ahead of ``optimizer`` (one SGD param group over ``model``'s parameters),
+        read now: the buffers are those its next real step will use. CAAT's `MetaSGD` does
+        the same by loading the model optimiser's state dict."""
+        if not isinstance(optimizer, torch.optim.SGD) or len(optimizer.param_groups) != 1:
+            raise TypeError("a virtual step follows one SGD param group; got "
+                            f"{type(optimizer).__name__} with {len(optimizer.param_groups)}")
+        group = optimizer.param_groups[0]
+        buffers = {name: optimizer.state.get(p, {}).get("momentum_buffer")
+                   for name, p in model.named_parameters()}
+        return cls(momentum=group["momentum"], dampening=group["dampening"],
+                   weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                   buffers=buffers)
+
+    def direction(self, name: str, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """What SGD subtracts lr times (pure): torch.optim.SGD's update for one parameter."""
+        d = g + self.weight_decay * p if self.weight_decay else g
+        if not self.momentum:
+            return d
+        buf = self.buffers.get(name)
+        # The first step's buffer is the gradient itself (torch.optim.SGD: no dampening).
+        b = d if buf is None else self.momentum * buf + (1 - self.dampening) * d
+        return d + self.momentum * b if self.nesterov else b
+
+
 def virtual_step(loss: torch.Tensor, params: Params, *, lr: float,
-                 weight_decay: float = 0.0) -> Params:
-    """theta' = theta - lr * (grad + wd * theta), differentiable w.r.t. whatever ``loss``
-    depends on besides theta (the meta-net). The graph of ``loss`` is retained, so the
-    caller may still backpropagate the same forward for the real update."""
+                 sgd: SGDLookahead | None = None) -> Params:
+    """theta' = theta - lr * (SGD's update direction), differentiable w.r.t. whatever
+    ``loss`` depends on besides theta (the meta-net). The graph of ``loss`` is retained, so
+    the caller may still backpropagate the same forward for the real update. The momentum
+    buffers are constants: they hold past gradients, which the meta-net cannot change."""
+    sgd = sgd or SGDLookahead.plain()
     names = list(params)
     grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
                                 retain_graph=True, allow_unused=True)
@@ -101,7 +147,7 @@ def virtual_step(loss: torch.Tensor, params: Params, *, lr: float,
     for name, g in zip(names, grads, strict=True):
         p = params[name]
         g = torch.zeros_like(p) if g is None else g
-        out[name] = p - lr * (g + weight_decay * p)
+        out[name] = p - lr * sgd.direction(name, p, g)
     return out
 
 
@@ -111,6 +157,19 @@ def call_with(model: nn.Module, params: Mapping[str, torch.Tensor],
     running statistics in place, and a virtual forward must leave the real model alone."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     return functional_call(model, {**buffers, **params}, (x,))
+
+
+class AtParams(nn.Module):
+    """``model`` as a module at other (constant) parameters, e.g. the virtual weights, for
+    code that takes a module (an attack). Its mode is the model's: putting it in eval mode
+    puts the model's modules in eval mode (the attack's `eval_mode` restores them)."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return call_with(self.model, self.params, x)
 
 
 @dataclass
@@ -123,17 +182,18 @@ class MetaStepStats:
 def meta_update(meta_net: nn.Module, meta_optimizer: torch.optim.Optimizer,
                 virtual_loss: torch.Tensor, params: Params,
                 meta_loss_at: Callable[[Params], torch.Tensor], *, lr: float,
-                weight_decay: float = 0.0, probe: torch.Tensor | None = None
+                sgd: SGDLookahead | None = None, probe: torch.Tensor | None = None
                 ) -> MetaStepStats:
     """One meta step: virtual SGD step on ``virtual_loss`` (which must depend on the
-    meta-net), ``meta_loss_at(virtual params)``, then an optimiser step of the meta-net only.
+    meta-net; ``sgd`` the step's rule, plain by default), ``meta_loss_at(virtual params)``,
+    then an optimiser step of the meta-net only.
 
     ``probe`` is any tensor of the virtual loss's graph (e.g. the per-sample combination
     weights) whose meta gradient the caller wants to see; it costs no extra backward.
     The model's parameters' ``.grad`` fields are not touched (gradients are taken with
     `torch.autograd.grad` w.r.t. the meta-net's parameters).
     """
-    virtual = virtual_step(virtual_loss, params, lr=lr, weight_decay=weight_decay)
+    virtual = virtual_step(virtual_loss, params, lr=lr, sgd=sgd)
     meta_loss = meta_loss_at(virtual)
     meta_params = [p for p in meta_net.parameters() if p.requires_grad]
     inputs = meta_params + ([probe] if probe is not None else [])

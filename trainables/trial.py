@@ -118,7 +118,7 @@ def train_warm_start(cfg: TrialConfig, problem: Problem,
         torch.manual_seed(cfg.runtime.seed + 1_000_003)
         model = build_model(erm, problem, device)
         optimizer = make_optimizer(erm, model)
-        method = methods.build("erm", model, erm, method_data(problem, device))
+        method = methods.build("erm", model, erm, method_data(problem, device, optimizer))
         n_batches = max(1, len(problem.train_y) // erm.optim.batch_size)
         for epoch in range(erm.optim.epochs):
             train_epoch(erm, model, optimizer, method, problem, epoch, n_batches, device, None)
@@ -160,11 +160,12 @@ def load_init_weights(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return init.state_dict()
 
 
-def method_data(problem: Problem, device: torch.device) -> methods.MethodData:
+def method_data(problem: Problem, device: torch.device,
+                optimizer: torch.optim.Optimizer | None = None) -> methods.MethodData:
     counts = torch.bincount(problem.train_y, minlength=problem.num_classes)
     return methods.MethodData(num_classes=problem.num_classes, train_labels=problem.train_y,
                               class_counts=counts, meta_x=problem.meta_x,
-                              meta_y=problem.meta_y, device=device)
+                              meta_y=problem.meta_y, device=device, optimizer=optimizer)
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -256,7 +257,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     # A resumed trial gets its weights from the checkpoint: no warm start needed.
     model = build_model(cfg, problem, device, warm_starts, initialise=resume_dir is None)
     optimizer = make_optimizer(cfg, model)
-    method = methods.build(cfg.method.name, model, cfg, method_data(problem, device))
+    method = methods.build(cfg.method.name, model, cfg, method_data(problem, device, optimizer))
 
     start_epoch, history, final = 0, [], None
     # Class-wise training diagnostics of every epoch (one list per epoch), for plots of

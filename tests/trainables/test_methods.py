@@ -37,8 +37,10 @@ def test_loss_decreases_on_a_small_batch(name, knobs):
 
 
 # What each method reports at the end of an epoch (its components' summaries).
-EPOCH_STATS = {"frl": {"class_weight_max", "bound_scale_max"}, "mwn": {"meta_grad_norm"},
-               "caat": {"class_weight_max", "bound_scale_max", "meta_grad_norm"}}
+EPOCH_STATS = {"frl": {"class_weight_max", "bound_scale_max", "bound_scale_min"},
+               "mwn": {"meta_grad_norm"},
+               "caat": {"class_weight_max", "bound_scale_max", "bound_scale_min",
+                        "meta_grad_norm"}}
 
 
 @pytest.mark.parametrize("name, knobs", VARIANTS)

@@ -28,6 +28,9 @@ class MethodData:
     meta_x: torch.Tensor  # clean balanced meta set, for meta-learning and FRL multipliers
     meta_y: torch.Tensor
     device: torch.device
+    # The model's optimiser, to read (never to step): a look-ahead step takes its momentum
+    # buffers and hyper-parameters (CAAT's virtual step). None outside a trial.
+    optimizer: torch.optim.Optimizer | None = None
 
     @property
     def class_prior(self) -> torch.Tensor:

@@ -44,12 +44,18 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from trainables.attacks import ce_per_sample, kl_per_sample, pgd
-from trainables.meta import MetaStepStats, Params, call_with, model_params
+from trainables.meta import AtParams, MetaStepStats, Params, call_with, model_params
 from trainables.methods.base import Batch, Method, MethodData, StepResult
 from trainables.methods.metalearner import MetaLearner, meta_state_of
-from trainables.methods.multipliers import ClassMultipliers, MultiplierConfig
+from trainables.methods.multipliers import (
+    ClassMultipliers,
+    MultiplierConfig,
+    bound_step_size,
+    measure_attacks,
+)
 from trainables.methods.trades_common import attack_target, weighted_trades_loss
 
 # `meta_init: adversarial`: the adversarial logit starts this many meta temperatures above
@@ -195,9 +201,12 @@ class CAAT(Method):
         super().__init__(model, cfg, data)
         m = cfg.method
         sample_bounds = m.bound_mode == "sample"
+        # The virtual step is the model optimiser's next one (CAAT's `MetaSGD`, loaded
+        # with the optimiser's state: momentum, Nesterov and weight decay).
         self.meta = MetaLearner(model, cfg, data, in_features=NUM_CAAT_FEATURES,
-                                out_features=3 if sample_bounds else 2, norm=m.meta_norm)
-        multiplier_cfg = MultiplierConfig.from_method(m)
+                                out_features=3 if sample_bounds else 2, norm=m.meta_norm,
+                                virtual="optimizer")
+        multiplier_cfg = MultiplierConfig.from_config(cfg)
         if sample_bounds:  # the meta-net owns the bounds: no class remargin
             multiplier_cfg = replace(multiplier_cfg, remargin=False)
         self.multipliers = ClassMultipliers(data.num_classes, multiplier_cfg, data.device)
@@ -234,8 +243,8 @@ class CAAT(Method):
     # ---------------------------------------------------------------------- epoch hooks
 
     def epoch_start(self, epoch: int) -> None:
-        self.multipliers.update(self.model, self.data.meta_x, self.data.meta_y, eps=self.eps,
-                                step_size=self.step_size, steps=self.cfg.method.steps)
+        self.multipliers.update(self.model, self.data.meta_x, self.data.meta_y,
+                                **measure_attacks(self.cfg), epoch=epoch)
         self.meta.epoch_start()
         self._loss_sum.zero_()
         self._count.zero_()
@@ -267,11 +276,14 @@ class CAAT(Method):
         return score > 0, score
 
     def perturb(self, x: torch.Tensor, y: torch.Tensor, anti: torch.Tensor,
-                eps_i: torch.Tensor, both: bool) -> _Perturbed:
+                eps_i: torch.Tensor, both: bool, model: nn.Module | None = None) -> _Perturbed:
         """One signed PGD: each sample in its chosen direction, or (``both``) every sample
         in both directions, as one PGD over the batch stacked twice (samples do not
-        interact in the attack's eval mode, and one big batch runs faster than two)."""
-        target = attack_target(self.model, x)
+        interact in the attack's eval mode, and one big batch runs faster than two).
+        ``model``: the network to attack, the trial's model by default."""
+        model = self.model if model is None else model
+        step = bound_step_size(self.step_size, self.eps, eps_i, self.cfg.bound_step)
+        target = attack_target(model, x)
         # TRADES' tiny Gaussian start, one per sample, shared by both directions: `chosen`
         # and `both` start every sample from the same point, so they agree where the
         # choice is hard.
@@ -280,9 +292,9 @@ class CAAT(Method):
             anti = torch.cat([torch.zeros_like(anti), torch.ones_like(anti)])
             x, y, target = torch.cat([x, x]), torch.cat([y, y]), torch.cat([target, target])
             eps_i, start = torch.cat([eps_i, eps_i]), torch.cat([start, start])
-        x_pert = pgd(self.model, x,
+        x_pert = pgd(model, x,
                      lambda lg: torch.where(anti, ce_per_sample(lg, y), kl_per_sample(lg, target)),
-                     eps=eps_i, step_size=self.step_size, steps=self.cfg.method.steps,
+                     eps=eps_i, step_size=step, steps=self.cfg.method.steps,
                      sign=torch.where(anti, -1.0, 1.0).to(x.dtype), init_delta=start)
         if both:
             x_adv, x_anti = x_pert.chunk(2)
@@ -396,16 +408,18 @@ class CAAT(Method):
 
     def meta_objective(self) -> Callable[[Params], torch.Tensor]:
         """The meta loss as a function of (virtual) parameters: CAAT's loss form with both
-        terms for every sample of a random clean meta batch, whose examples are made now,
-        at the current weights (constants for the meta gradient)."""
+        terms for every sample of a random clean meta batch, whose examples are made at
+        the virtual weights, as the original's `caat_adv(pseudo_model, meta_inputs, ...)`
+        (constants for the meta gradient)."""
         m, cm = self.multipliers, self.cfg.method
         xm, ym = self.meta.batch()
         eps_m = self.eps * (m.scale[ym] if cm.bound_mode == "class"
                             else torch.ones_like(ym, dtype=xm.dtype))
-        meta_pert = self.perturb(xm, ym, torch.zeros_like(ym, dtype=torch.bool), eps_m,
-                                 both=True)
 
         def meta_loss_at(params: Params) -> torch.Tensor:
+            at_virtual = AtParams(self.model, {k: v.detach() for k, v in params.items()})
+            meta_pert = self.perturb(xm, ym, torch.zeros_like(ym, dtype=torch.bool), eps_m,
+                                     both=True, model=at_virtual)
             fwd = lambda v: call_with(self.model, params, v)  # noqa: E731
             lm = fwd(xm)
             kl_m, ce_anti_m = self.perturbed_terms(fwd, meta_pert, ym, lm)

@@ -3,14 +3,21 @@
 Reweight raises the natural (c0) and boundary (c1) loss weights of classes whose errors on
 the meta set exceed the average; remargin widens their perturbation bound (eps * s_c).
 `method.frl_mode` picks reweight, remargin or both. The multipliers are updated on the
-meta set at the start of every epoch.
+meta set at the start of every epoch, by FRL's own rule (`multipliers.py`); the attack at
+the class bounds steps by max_i(eps_i) / 4 (`method.bound_step: max_bound`), as FRL's
+`trades_adv` (hannxu123/fair_robust `utils_frl2.py`).
 """
 
 from __future__ import annotations
 
 from trainables.attacks import ce_per_sample, kl_per_sample
 from trainables.methods.base import Batch, Method, MethodData, StepResult
-from trainables.methods.multipliers import ClassMultipliers, MultiplierConfig
+from trainables.methods.multipliers import (
+    ClassMultipliers,
+    MultiplierConfig,
+    bound_step_size,
+    measure_attacks,
+)
 from trainables.methods.trades_common import trades_examples, weighted_trades_loss
 
 
@@ -19,21 +26,22 @@ class FRL(Method):
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)
-        self.multipliers = ClassMultipliers(data.num_classes,
-                                            MultiplierConfig.from_method(cfg.method),
+        self.multipliers = ClassMultipliers(data.num_classes, MultiplierConfig.from_config(cfg),
                                             data.device)
 
     def epoch_start(self, epoch: int) -> None:
-        self.multipliers.update(self.model, self.data.meta_x, self.data.meta_y, eps=self.eps,
-                                step_size=self.step_size, steps=self.cfg.method.steps)
+        self.multipliers.update(self.model, self.data.meta_x, self.data.meta_y,
+                                **measure_attacks(self.cfg), epoch=epoch)
 
     def epoch_end(self, epoch: int) -> dict[str, float]:
         return dict(self.multipliers.stats)
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         x, y, m = batch.x, batch.y, self.multipliers
-        x_adv = trades_examples(self.model, x, eps=self.eps * m.scale[y],
-                                step_size=self.step_size, steps=self.cfg.method.steps)
+        eps_i = self.eps * m.scale[y]
+        x_adv = trades_examples(self.model, x, eps=eps_i, steps=self.cfg.method.steps,
+                                step_size=bound_step_size(self.step_size, self.eps, eps_i,
+                                                          self.cfg.bound_step))
         logits, logits_adv = self.model(x), self.model(x_adv)
         loss = weighted_trades_loss(ce_per_sample(logits, y),
                                     kl_per_sample(logits_adv, logits, detach_clean=False),

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from trainables.meta import MetaNet, MetaStepStats, Params, meta_update, model_params
+from trainables.meta import (
+    MetaNet,
+    MetaStepStats,
+    Params,
+    SGDLookahead,
+    meta_update,
+    model_params,
+)
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig
@@ -31,19 +38,27 @@ def meta_state_of(method_state: Mapping[str, Any]) -> dict[str, Any]:
     return {new: method_state[old] for old, new in _FLAT_KEYS.items()}
 
 
+VIRTUAL_STEPS = ("optimizer", "plain")
+
+
 class MetaLearner:
     """A meta-net of ``in_features`` features and ``out_features`` outputs, and its Adam.
 
-    ``norm`` is how the net standardises its features (see `MetaNet`).
+    ``norm`` is how the net standardises its features (see `MetaNet`). ``virtual`` is the
+    virtual step: ``optimizer``, the model optimiser's next step (its momentum buffers,
+    Nesterov and weight decay; `data.optimizer`, else the config's SGD before its first
+    step), or ``plain``, theta - lr * grad.
     """
 
     def __init__(self, model: nn.Module, cfg: TrialConfig, data: MethodData, *,
-                 in_features: int, out_features: int, norm: str) -> None:
-        self.model, self.cfg, self.data = model, cfg, data
+                 in_features: int, out_features: int, norm: str, virtual: str) -> None:
+        if virtual not in VIRTUAL_STEPS:
+            raise ValueError(f"virtual: unknown '{virtual}'; allowed: {', '.join(VIRTUAL_STEPS)}")
+        self.model, self.cfg, self.data, self.virtual = model, cfg, data, virtual
         self.net = MetaNet(in_features, cfg.method.meta_hidden, out_features,
                            norm=norm).to(data.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr,
-                                          weight_decay=1e-4)
+                                          weight_decay=cfg.meta_weight_decay)
         self.batches = 0
         self._grad_norms: list[float] = []
 
@@ -58,12 +73,21 @@ class MetaLearner:
         idx = torch.randperm(n, device=self.data.meta_y.device)[:self.cfg.method.meta_batch_size]
         return self.data.meta_x[idx], self.data.meta_y[idx]
 
+    def lookahead(self) -> SGDLookahead:
+        """The rule of the virtual step, read now (the optimiser's buffers change)."""
+        if self.virtual == "plain":
+            return SGDLookahead.plain()
+        if self.data.optimizer is not None:
+            return SGDLookahead.of(self.data.optimizer, self.model)
+        o = self.cfg.optim  # no optimiser handed over: the config's, before its first step
+        return SGDLookahead(momentum=o.momentum, weight_decay=o.weight_decay,
+                            nesterov=o.nesterov and o.momentum > 0)
+
     def step(self, virtual_loss: torch.Tensor, meta_loss_at: Callable[[Params], torch.Tensor],
              lr: float, probe: torch.Tensor | None = None) -> MetaStepStats:
         """One meta step of the net (`trainables.meta.meta_update`) at the model's weights."""
         stats = meta_update(self.net, self.optimizer, virtual_loss, model_params(self.model),
-                            meta_loss_at, lr=lr, weight_decay=self.cfg.optim.weight_decay,
-                            probe=probe)
+                            meta_loss_at, lr=lr, sgd=self.lookahead(), probe=probe)
         self._grad_norms.append(stats.grad_norm)
         return stats
 

@@ -21,8 +21,11 @@ class MWN(Method):
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)
-        # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm).
-        self.meta = MetaLearner(model, cfg, data, in_features=1, out_features=1, norm="none")
+        # As in Shu et al.: the loss goes straight into the MLP (one feature, no BatchNorm),
+        # and the virtual step is theta - lr * grad (MW-Net.py's `update_params`: no
+        # momentum, no weight decay).
+        self.meta = MetaLearner(model, cfg, data, in_features=1, out_features=1, norm="none",
+                                virtual="plain")
 
     def weights(self, ce: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.meta.net(ce.detach().unsqueeze(1))).squeeze(1)
