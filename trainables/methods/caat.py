@@ -82,7 +82,7 @@ def caat_features(logits: torch.Tensor, ce: torch.Tensor, y: torch.Tensor,
     p_other = p.masked_fill(onehot.bool(), float("-inf")).max(1).values
     neg_entropy = (p * F.log_softmax(logits, dim=1)).sum(1)
     return torch.stack([ce, class_mean_loss[y], (onehot - p).norm(dim=1), p_y - p_other,
-                        neg_entropy, class_prior[y]], dim=1)
+                        neg_entropy, class_prior[y].to(p.dtype)], dim=1)
 
 
 def caat_loss(w_adv: torch.Tensor, w_anti: torch.Tensor, ce_clean: torch.Tensor,
