@@ -51,14 +51,17 @@ runs (see `sweeper.search`). The format, with every key and its default::
     max_trials: 10000            # refused at launch above this (`launch --force` overrides)
 
 Distributions: ``{type: float, low, high, log?, step?}``, ``{type: int, low, high, log?,
-step?}``, ``{type: categorical, choices: [...]}``. Search keys must be `method.*` or
-`optim.*` knobs (not `method.name`, not `optim.epochs`): scenarios, data, model and warm
-start are what defines a cell, and the budget is ASHA's. Everything is validated before a
-sweep starts: each cell's config, its confirmation config (with `confirm.eval`), and each
-cell's config at every extreme of its space (bounds, midpoints, every choice), must be a
-valid `TrialConfig`, so a bad sweep fails at launch with one line (exit 2) instead of hours
-later in a trial. A configuration breaking `selection.constraints` is never confirmed; a cell
-with no configuration within them gets no confirmation runs (a warning says so).
+step?}``, ``{type: categorical, choices: [...]}``. A method's search keys must be its own
+knobs (`caat-sweep methods` lists them) or `optim.*` (not `method.name`, not `optim.epochs`):
+scenarios, data, model and warm start are what defines a cell, and the budget is ASHA's.
+A knob under `search.all`, in `base.method` or in a scenario applies to the methods that
+have it (a shared `steps: 5` is not ERM's) and is refused only if none of them has it.
+Everything is validated before a sweep starts: each cell's config, its confirmation config
+(with `confirm.eval`), and each cell's config at every extreme of its space (bounds,
+midpoints, every choice), must be a valid `TrialConfig`, so a bad sweep fails at launch
+with one line (exit 2) instead of hours later in a trial. A configuration breaking
+`selection.constraints` is never confirmed; a cell with no configuration within them gets
+no confirmation runs (a warning says so).
 AutoAttack belongs in `confirm.eval` only: `eval.autoattack` in `base` or a scenario (which
 tuning trials would run) is refused.
 """
@@ -77,10 +80,10 @@ from pydantic import ValidationError
 
 from sweeper.space_schema import NAME_PATTERN, Distribution, ScenarioSpec, SweepSpace
 from trainables.config import (
-    MethodConfig,
     OptimConfig,
     TrialConfig,
     flatten,
+    knobs_model,
     read_yaml,
     set_dotted,
     validate,
@@ -90,8 +93,8 @@ from trainables.errors import ConfigError
 from trainables.registry import unknown_name
 
 ALL_METHODS = "all"
-# Keys a space may search or fix per method: the method's knobs and the optimiser's.
-SEARCHABLE_SECTIONS = {"method": MethodConfig, "optim": OptimConfig}
+# Keys a space may search or fix per method: the method's own knobs and the optimiser's.
+OPTIM_KEYS = tuple(f"optim.{k}" for k in OptimConfig.model_fields if k != "epochs")
 NOT_SEARCHABLE = ("method.name", "optim.epochs")
 
 
@@ -189,21 +192,28 @@ def parse_space(raw: Mapping[str, Any], *, text: str | None = None, source: str 
     return SweepPlan(name=name, space=space, cells=cells, text=text, source=source)
 
 
+def method_keys(method: str) -> list[str]:
+    """The dotted `method.*` keys a method has (its knob model's fields, name aside)."""
+    return [f"method.{k}" for k in knobs_model(method).knob_names()]
+
+
 def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
     """The cells of a space, in scenario-major order, each validated with its space."""
     _check_methods(space, source)
-    base = _checked(space.base, f"{source}: base")
-    per_method = {m: _method_entries(space, m, source) for m in space.methods}
+    keys = {m: set(method_keys(m)) for m in space.methods}
+    base = _checked(space.base, f"{source}: base", shared=True)
+    _check_method_block(base, space.methods, keys, f"{source}: base")
+    per_method = {m: _method_entries(space, m, keys, source) for m in space.methods}
     scenarios = space.scenarios
-    scenario_cfgs = [_scenario_config(base, sc, i, source) for i, sc in enumerate(scenarios)]
+    scenario_cfgs = [_scenario_config(base, sc, i, source, space.methods, keys)
+                     for i, sc in enumerate(scenarios)]
     names = [_scenario_name(sc, cfg) for sc, cfg in zip(scenarios, scenario_cfgs, strict=True)]
     _check_unique(names, source)
     cells = []
     for sc, scenario, cfg in zip(scenarios, names, scenario_cfgs, strict=True):
         for method in sc.methods or space.methods:
             fixed, dists = per_method[method]
-            cell_cfg = copy.deepcopy(cfg)
-            set_dotted(cell_cfg, "method.name", method)
+            cell_cfg = for_method(cfg, method, keys[method])
             for key, value in fixed.items():
                 set_dotted(cell_cfg, key, value)
             if cell_cfg.get("runtime", {}).get("threads") is None:
@@ -260,15 +270,47 @@ def _check_methods(space: SweepSpace, source: str) -> None:
                               f"{', '.join(allowed)}")
 
 
-def _method_entries(space: SweepSpace, method: str, source: str
-                    ) -> tuple[dict[str, Any], dict[str, Distribution]]:
-    """(fixed values, distributions) for one method: `all` first, the method's own win."""
+def for_method(cfg: Mapping[str, Any], method: str, keys: set[str]) -> dict[str, Any]:
+    """A base or scenario config as one method's cell sees it: its `method` block holds the
+    method's name and those of the block's knobs the method has (a shared `steps: 5` is
+    the attack's, and ERM has no attack)."""
+    out = copy.deepcopy(dict(cfg))
+    block = out.pop("method", None) or {}
+    out["method"] = {"name": method, **{k: v for k, v in block.items()
+                                        if f"method.{k}" in keys}}
+    return out
+
+
+def _check_method_block(cfg: Mapping[str, Any], methods: list[str],
+                        keys: Mapping[str, set[str]], where: str) -> None:
+    """Every knob of a base or scenario `method` block belongs to one of ``methods``."""
+    block = cfg.get("method") or {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where}: method: expected a mapping of knobs")
+    for knob in block:
+        if knob == "name":
+            raise ConfigError(f"{where}: method.name: set per cell by `methods`; remove it")
+        if not any(f"method.{knob}" in keys[m] for m in methods):
+            known = sorted({k for m in methods for k in keys[m]})
+            raise ConfigError(f"{where}: method.{knob}: not a knob of any method of this "
+                              f"sweep ({', '.join(methods)}); allowed: {', '.join(known)}")
+
+
+def _method_entries(space: SweepSpace, method: str, keys: Mapping[str, set[str]],
+                    source: str) -> tuple[dict[str, Any], dict[str, Distribution]]:
+    """(fixed values, distributions) for one method: `all` first, the method's own win.
+    A key under `all` applies to the methods that have it (refused if none has)."""
     fixed: dict[str, Any] = {}
     dists: dict[str, Distribution] = {}
     for block in (ALL_METHODS, method):
         for key, value in space.search.get(block, {}).items():
             where = f"{source}: search.{block}.{key}"
-            _check_search_key(key, where)
+            if block == ALL_METHODS:
+                _check_search_key(key, space.methods, keys, where)
+                if not (key in keys[method] or key in OPTIM_KEYS):
+                    continue
+            else:
+                _check_search_key(key, [method], keys, where)
             fixed.pop(key, None)
             dists.pop(key, None)
             if isinstance(value, Mapping) and "type" in value:
@@ -284,25 +326,35 @@ def _method_entries(space: SweepSpace, method: str, source: str
     return fixed, dists
 
 
-def _check_search_key(key: str, where: str) -> None:
-    section, _, knob = key.partition(".")
-    model = SEARCHABLE_SECTIONS.get(section)
-    allowed = sorted(f"{s}.{k}" for s, m in SEARCHABLE_SECTIONS.items() for k in m.model_fields
-                     if f"{s}.{k}" not in NOT_SEARCHABLE)
-    if model is None or knob not in model.model_fields or key in NOT_SEARCHABLE:
-        why = ("set per cell (method by `methods`, epochs by base/ASHA)" if key in NOT_SEARCHABLE
-               else "unknown or not searchable (scenario, data, model and init define a cell)")
-        raise ConfigError(f"{where}: {why}; allowed: {', '.join(allowed)}")
+def _check_search_key(key: str, methods: list[str], keys: Mapping[str, set[str]],
+                      where: str) -> None:
+    """A searched or fixed key must be a knob of one of ``methods`` (the block's method, or
+    any method of the sweep under `all`), or an optimiser key."""
+    if key in OPTIM_KEYS or any(key in keys[m] for m in methods):
+        return
+    allowed = sorted({k for m in methods for k in keys[m]}) + list(OPTIM_KEYS)
+    if key in NOT_SEARCHABLE:
+        why = "set per cell (method by `methods`, epochs by base/ASHA)"
+    elif key.startswith("method."):
+        owner = f"method {methods[0]!r}" if len(methods) == 1 else (
+            f"any method of this sweep ({', '.join(methods)})")
+        why = f"not a knob of {owner}"
+    else:
+        why = "unknown or not searchable (scenario, data, model and init define a cell)"
+    raise ConfigError(f"{where}: {why}; allowed: {', '.join(allowed)}")
 
 
-def _scenario_config(base: dict[str, Any], sc: ScenarioSpec, i: int, source: str) -> dict:
+def _scenario_config(base: dict[str, Any], sc: ScenarioSpec, i: int, source: str,
+                     methods: list[str], keys: Mapping[str, set[str]]) -> dict:
     cfg = copy.deepcopy(base)
     for key, value in sc.overrides().items():
         try:
             set_dotted(cfg, key, value)
         except ConfigError as err:
             raise ConfigError(f"{source}: scenarios[{i}].set.{key}: {err}") from None
-    _checked(cfg, f"{source}: scenarios[{i}]")
+    where = f"{source}: scenarios[{i}]"
+    _checked(cfg, where, shared=True)
+    _check_method_block(cfg, sc.methods or methods, keys, where)
     return cfg
 
 
@@ -310,10 +362,12 @@ def _scenario_name(sc: ScenarioSpec, cfg: dict[str, Any]) -> str:
     """A readable, stable id: `pair-0.4_ir-1_eps-0.1` (plus `br-...` for bound scales)."""
     if sc.name:
         return sc.name
-    tc = validate(cfg)
+    tc = validate(_without_method(cfg))
     s = tc.scenario
+    eps = (cfg.get("method") or {}).get("eps")
     parts = ["clean" if s.noise_type == "none" else f"{s.noise_type}-{_num(s.noise_rate)}",
-             f"ir-{_num(s.imbalance_ratio)}", f"eps-{_num(tc.train_eps)}"]
+             f"ir-{_num(s.imbalance_ratio)}",
+             f"eps-{_num(tc.train_eps if eps is None else eps)}"]
     if sc.bound_range is not None:
         parts.append(f"br-{_num(sc.bound_range[0])}-{_num(sc.bound_range[1])}")
     if sc.bound_mode is not None:
@@ -350,9 +404,15 @@ def _probe(cell: Cell, source: str) -> None:
         _checked(cfg, f"{source}: cell {cell.id} with {shown}")
 
 
-def _checked(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+def _without_method(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "method"}
+
+
+def _checked(cfg: Mapping[str, Any], where: str, *, shared: bool = False) -> dict[str, Any]:
+    """A trial config that validates. ``shared``: a base or scenario config, whose `method`
+    block several methods share, validated without that block (each cell checks its part)."""
     try:
-        validate(cfg)
+        validate(_without_method(cfg) if shared else cfg)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return dict(cfg)

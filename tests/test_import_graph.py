@@ -160,37 +160,42 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_config_loads_and_validates_without_torch():
-    # Validation checks dataset, model and method names against the registries, which know
-    # the names without importing what they name.
+def test_config_checks_names_without_torch_and_imports_only_the_chosen_method():
+    # The registries know their names without importing what they name: a config module,
+    # the names' errors and `caat-sweep status`' modules load no torch. A method block is
+    # validated against its method's knob model, in the method's own file: that one file.
     result = run_python("""
         import sys
-        from trainables.config import load_config
+        import sweeper.status
+        from trainables.config import validate
         from trainables.errors import ConfigError
 
-        assert load_config().resolved()["dataset"]["name"] == "fashion_mnist"
-        cfg = load_config({"method": {"name": "caat"}, "model": {"arch": "mlp"}})
-        assert cfg.resolved()["method"]["name"] == "caat"
-        for raw in ({"method": {"name": "sgd"}}, {"dataset": {"name": "mnist"}},
-                    {"model": {"arch": "vgg"}}):
+        heavy = lambda: sorted(m for m in sys.modules if m.split(".")[0] == "torch")
+        print("heavy at import:", heavy())
+        for raw in ({"method": {"name": "sgd"}}, {"method": {"name": "erm"},
+                    "dataset": {"name": "mnist"}}, {"method": {"name": "erm"},
+                    "model": {"arch": "vgg"}}):
             try:
-                load_config(raw)
+                validate(raw)
             except ConfigError as err:
                 print(err)
             else:
                 raise SystemExit(f"{raw} accepted")
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] == "torch")
-        print("heavy:", heavy)
+        cfg = validate({"method": {"name": "erm"}, "model": {"arch": "mlp"}})
+        assert cfg.resolved()["method"] == {"name": "erm"}
+        loaded = sorted(m for m in sys.modules if m.startswith("trainables.methods."))
+        print("methods loaded:", loaded)
     """)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "config: method.name: unknown 'sgd'; allowed: anti_adv, caat, erm, frl, mwn, pgd_at, "
-        "trades",
+    lines = result.stdout.splitlines()
+    assert lines[0] == "heavy at import: []"
+    assert lines[1:4] == [
+        "method.name: unknown 'sgd'; allowed: anti_adv, caat, erm, frl, mwn, pgd_at, trades",
         "config: dataset.name: unknown 'mnist'; allowed: cifar10, cifar100, fashion_mnist, gmm, "
         "synthetic",
         "config: model.arch: unknown 'vgg'; allowed: linear, mlp, preact_resnet18, resnet32, "
-        "small_cnn, wrn28_10",
-        "heavy: []"]
+        "small_cnn, wrn28_10"]
+    assert lines[4] == "methods loaded: ['trainables.methods.base', 'trainables.methods.erm']"
 
 
 def test_every_registered_name_resolves():

@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trainables.errors import ConfigError
+from trainables.knobs import Knobs
 from trainables.registry import DATASETS, METHODS, MODELS
 
 
@@ -28,27 +37,6 @@ class _Strict(BaseModel):
 # Attack radii used when a config leaves eps unset (the literature's defaults).
 DEFAULT_EPS = {"fashion_mnist": 0.1, "cifar10": 8 / 255, "cifar100": 8 / 255, "gmm": 0.1,
                "synthetic": 8 / 255}
-# Per-method defaults of the knobs a config leaves unset (None), each from the method's own
-# reference code unless a measurement here chose otherwise.
-# caat: meta Adam lr 1e-4 and weight decay 5e-4 (xiaolingzhou98/CAAT `CAAT.py`); the lr was
-# chosen on the validation split among 1e-2, 1e-3 and 1e-4 at a meta step every 5 batches;
-# then every 20 batches rather than the original's 50 or 5: equal on validation, at a
-# quarter of the meta steps' cost (README, "What CAAT's meta-net learns"). Bound scales
-# clipped to [0.98, 2.5] and a fixed attack step at the class bounds, as CAAT's `utils.py`.
-# mwn: Adam 1e-3 with weight decay 1e-4 (xjtushujun/meta-weight-net `MW-Net.py`); a meta
-# step every 50 batches rather than every batch, for cost.
-# frl: bound scales up to 3 and an attack step of max_i(eps_i)/4 at the class bounds
-# (hannxu123/fair_robust `utils_frl2.py`).
-METHOD_DEFAULTS = {
-    "caat": {"meta_interval": 20, "meta_lr": 1e-4, "meta_weight_decay": 5e-4,
-             "margin_limit": 2.5, "bound_step": "fixed"},
-    "mwn": {"meta_interval": 50, "meta_lr": 1e-3, "meta_weight_decay": 1e-4},
-    "frl": {"margin_limit": 3.0, "bound_step": "max_bound"},
-}
-DEFAULT_FALLBACK = {"meta_interval": 50, "meta_lr": 1e-3, "meta_weight_decay": 1e-4,
-                    "margin_limit": 2.5, "bound_step": "fixed"}
-
-
 class DatasetConfig(_Strict):
     name: str = "fashion_mnist"
     # Subsample of the training pool, taken after the meta/val splits (class-stratified).
@@ -89,72 +77,45 @@ class ModelConfig(_Strict):
     arch: str = "small_cnn"
 
 
-class MethodConfig(_Strict):
-    """Knobs of every method in one flat block; each method reads the ones it uses."""
+DEFAULT_METHOD = "trades"
 
-    name: str = "trades"
-    eps: float | None = Field(default=None, ge=0.0, le=1.0)  # None: dataset default
-    step_size: float | None = Field(default=None, gt=0.0)  # None: eps / 4
-    steps: int = Field(default=10, ge=1)
-    beta: float = Field(default=6.0, ge=0.0)
-    # CAAT / MWN meta-learning
-    # CAAT's training softmax: 0.001 makes the adversarial/anti choice nearly hard.
-    temperature: float = Field(default=0.001, gt=0.0)
-    # The softmax the meta gradient flows through (straight-through: training keeps the
-    # hard choice at `temperature`). None: through the training softmax itself, as the
-    # original, where a saturated softmax leaves almost no gradient.
-    meta_temperature: float | None = Field(default=1.0, gt=0.0)
-    # `adversarial`: the meta-net starts by sending every sample adversarial (CAAT begins
-    # as TRADES with FRL multipliers); `random`: PyTorch's default init, as the original,
-    # whose first split is a coin flip of the seed.
-    meta_init: Literal["adversarial", "random"] = "adversarial"
-    # How the meta-net standardises its features: `running` statistics (a sample's choice
-    # does not depend on the rest of its batch) or train-mode `batch` BatchNorm (original).
-    meta_norm: Literal["running", "batch"] = "running"
-    # Who picks each sample's direction (CAAT): the meta-net, or an ablation that keeps
-    # everything else: `random` (anti with probability anti_fraction, drawn every batch)
-    # or `loss_rank` (the anti_fraction of highest clean loss within each observed class).
-    direction_policy: Literal["meta", "random", "loss_rank"] = "meta"
-    anti_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
-    # Batches between meta steps, and the meta-net's Adam learning rate; None: the
-    # method's default (METHOD_DEFAULTS).
-    meta_interval: int | None = Field(default=None, ge=1)
-    meta_lr: float | None = Field(default=None, gt=0.0)
-    meta_hidden: int = Field(default=100, ge=1)
-    meta_batch_size: int = Field(default=100, ge=1)
-    directions: Literal["chosen", "both"] = "chosen"
-    bound_mode: Literal["class", "sample"] = "class"
-    bound_range: tuple[float, float] = (0.5, 1.5)
-    # The meta-net's Adam weight decay; None: the method's default.
-    meta_weight_decay: float | None = Field(default=None, ge=0.0)
-    # FRL's class multipliers (CAAT and FRL), by FRL's update rule
-    frl_mode: Literal["reweight", "remargin", "both"] = "both"
-    tolerance: float = Field(default=0.05, ge=0.0)  # error gap tolerated before a push
-    reweight_rate: float = Field(default=0.05, ge=0.0)
-    # Epochs between halvings of reweight_rate (both references: 40); null: never.
-    reweight_halving: int | None = Field(default=40, ge=1)
-    remargin_rate: float = Field(default=0.2, ge=0.0)
-    # Cap on the total of the reweight multipliers; <= 1 keeps every class weight >= 0.
-    weight_limit: float = Field(default=0.5, gt=0.0, le=1.0)
-    # Class bound scales exp(2 lam2) are clipped to [margin_floor, margin_limit]; None: the
-    # method's default limit (FRL 3, CAAT 2.5).
-    margin_floor: float = Field(default=0.98, gt=0.0, le=1.0)
-    margin_limit: float | None = Field(default=None, ge=1.0)
-    # Where the class errors are measured on the meta set: `eval_bound`, the evaluation
-    # attack (eval.eps, eval.steps, eval.step_size), as both references; or `class_bound`,
-    # each class at its own widened bound with the training attack.
-    frl_measure: Literal["eval_bound", "class_bound"] = "eval_bound"
-    # The attack step at class bounds: `fixed` (step_size, as CAAT) or `max_bound`
-    # (step_size * the batch's largest bound scale, FRL's max_i(eps_i)/4); None: the
-    # method's default.
-    bound_step: Literal["fixed", "max_bound"] | None = None
 
-    @model_validator(mode="after")
-    def _range_ordered(self) -> MethodConfig:
-        lo, hi = self.bound_range
-        if not 0 < lo <= hi:
-            raise ValueError("bound_range must be [lo, hi] with 0 < lo <= hi")
-        return self
+def knobs_model(name: str) -> type[Knobs]:
+    """The knob model of a registered method (imports the method's module: built-in, or a
+    plugin's); ValueError naming the allowed methods for an unknown name."""
+    if name not in METHODS:
+        raise ValueError(METHODS.unknown(name))
+    return METHODS.get(name).knobs
+
+
+def knob_error(err: ValidationError, model: type[Knobs]) -> str:
+    """A method block's first error as one line: `method.<key>: ...`, naming the method
+    and listing its knobs when the key is not one of them."""
+    first = err.errors()[0]
+    method = model.model_fields["name"].default
+    key = _loc_text(list(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        knobs = model.knob_names()
+        listed = f"allowed: {', '.join(knobs)}" if knobs else "it has no knobs"
+        return f"method.{key}: unknown key for method {method!r}; {listed}"
+    msg = validation_message(err, model)
+    return f"method.{msg}" if key else f"method: {msg}"
+
+
+def method_knobs(value: Any) -> Knobs:
+    """Validate a `method` block against the knob model of the method it names."""
+    if isinstance(value, Knobs):
+        value = value.model_dump()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"method: expected a mapping of knobs, got {type(value).__name__}")
+    name = value.get("name", DEFAULT_METHOD)
+    if not isinstance(name, str):
+        raise ValueError(f"method.name: expected a method name, got {name!r}")
+    model = knobs_model(name)
+    try:
+        return model.model_validate({**value, "name": name})
+    except ValidationError as err:
+        raise ValueError(knob_error(err, model)) from None
 
 
 class InitConfig(_Strict):
@@ -216,53 +177,35 @@ class TrialConfig(_Strict):
     dataset: DatasetConfig = DatasetConfig()
     scenario: ScenarioConfig = ScenarioConfig()
     model: ModelConfig = ModelConfig()
-    method: MethodConfig = MethodConfig()
+    # The chosen method's own knob model (trainables.knobs), picked by `method.name`.
+    method: SerializeAsAny[Knobs] = Field(
+        default_factory=lambda: knobs_model(DEFAULT_METHOD)())
     init: InitConfig = InitConfig()
     optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("method", mode="plain")
+    @classmethod
+    def _method_knobs(cls, value: Any) -> Knobs:
+        return method_knobs(value)
 
     @model_validator(mode="after")
     def _registered_names(self) -> TrialConfig:
         _check_registered(self)
         return self
 
-    # Derived values: the one place the "None means default" rules live.
+    # Derived values: the one place the "None means default" rules live. Methods without
+    # an attack (ERM, Meta-Weight-Net) still have a dataset eps: the evaluation's default.
     @property
     def train_eps(self) -> float:
-        if self.method.eps is not None:
-            return self.method.eps
-        return DEFAULT_EPS.get(self.dataset.name, 8 / 255)
+        eps = getattr(self.method, "eps", None)
+        return eps if eps is not None else DEFAULT_EPS.get(self.dataset.name, 8 / 255)
 
     @property
     def train_step_size(self) -> float:
-        return self.method.step_size if self.method.step_size is not None else self.train_eps / 4
-
-    def _method_default(self, key: str) -> Any:
-        value = getattr(self.method, key)
-        if value is not None:
-            return value
-        return METHOD_DEFAULTS.get(self.method.name, {}).get(key, DEFAULT_FALLBACK[key])
-
-    @property
-    def meta_interval(self) -> int:
-        return self._method_default("meta_interval")
-
-    @property
-    def meta_lr(self) -> float:
-        return self._method_default("meta_lr")
-
-    @property
-    def meta_weight_decay(self) -> float:
-        return self._method_default("meta_weight_decay")
-
-    @property
-    def margin_limit(self) -> float:
-        return self._method_default("margin_limit")
-
-    @property
-    def bound_step(self) -> str:
-        return self._method_default("bound_step")
+        step = getattr(self.method, "step_size", None)
+        return step if step is not None else self.train_eps / 4
 
     @property
     def eval_eps(self) -> float:
@@ -273,14 +216,13 @@ class TrialConfig(_Strict):
         return self.eval.step_size if self.eval.step_size is not None else self.eval_eps / 4
 
     def resolved(self) -> dict[str, Any]:
-        """Plain dict with the derived defaults filled in (what metrics.json records)."""
+        """Plain dict with the derived defaults filled in (what metrics.json records): the
+        chosen method's knobs only."""
         out = self.model_dump(mode="json")
-        out["method"]["eps"] = self.train_eps
-        out["method"]["step_size"] = self.train_step_size
-        out["method"]["meta_interval"] = self.meta_interval
-        out["method"]["meta_lr"] = self.meta_lr
-        for key in ("meta_weight_decay", "margin_limit", "bound_step"):
-            out["method"][key] = getattr(self, key)
+        if "eps" in out["method"]:
+            out["method"]["eps"] = self.train_eps
+        if "step_size" in out["method"]:
+            out["method"]["step_size"] = self.train_step_size
         out["eval"]["eps"] = self.eval_eps
         out["eval"]["step_size"] = self.eval_step_size
         return out
@@ -289,8 +231,7 @@ class TrialConfig(_Strict):
 def _check_registered(cfg: TrialConfig) -> None:
     # The registries know their names without importing the datasets, models and methods
     # (torch), so checking a config stays cheap.
-    for name, registry in ((cfg.dataset.name, DATASETS), (cfg.model.arch, MODELS),
-                           (cfg.method.name, METHODS)):
+    for name, registry in ((cfg.dataset.name, DATASETS), (cfg.model.arch, MODELS)):
         if name not in registry:  # ValueError: pydantic turns it into the field's error
             raise ValueError(registry.unknown(name))
 

@@ -113,7 +113,8 @@ def train_warm_start(cfg: TrialConfig, problem: Problem,
     warm start and one that finds it cached go on identically."""
     erm = cfg.model_copy(deep=True)
     erm.init.erm_epochs, erm.init.checkpoint = 0, None
-    erm.method.name, erm.optim.epochs, erm.optim.schedule = "erm", cfg.init.erm_epochs, "cosine"
+    erm.method = {"name": "erm"}
+    erm.optim.epochs, erm.optim.schedule = cfg.init.erm_epochs, "cosine"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.runtime.seed + 1_000_003)
         model = build_model(erm, problem, device)

@@ -17,7 +17,7 @@ def write_config(path, cfg):
 
 
 @pytest.mark.parametrize("content, sets, expected", [
-    ({"method": {"betta": 1}}, [], "method.betta: unknown key; allowed:"),
+    ({"method": {"betta": 1}}, [], "method.betta: unknown key for method 'trades'; allowed:"),
     ({"optim": {"epochs": "ten"}}, [], "optim.epochs:"),
     ({"optim": {"batch_size": 0}}, [], "optim.batch_size: Input should be greater than or equal"),
     ({"scenario": {"noise_rate": 2}}, [], "scenario.noise_rate:"),

@@ -4,6 +4,7 @@ one line naming the field, and leaves nothing in storage or MLflow."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -122,10 +123,11 @@ def test_shipped_spaces_run_autoattack_in_confirmation_only(name, mode, samples)
 
 def test_cells_expand_with_ids_spaces_and_fixed_values():
     space = tiny_space(
+        methods=["erm", "trades", "caat"],
         scenarios=[{"noise_type": "pair", "noise_rate": 0.4},
                    {"imbalance_ratio": 10, "eps": 0.2},
                    {"name": "wide", "bound_mode": "sample", "bound_range": [0.5, 2.0],
-                    "methods": ["trades"]}],
+                    "methods": ["caat"]}],
         search={"all": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
                         "method.steps": 3},
                 "trades": {"method.beta": {"type": "categorical", "choices": [1.0, 6.0]},
@@ -134,17 +136,44 @@ def test_cells_expand_with_ids_spaces_and_fixed_values():
     plan = parse_space(space)
     assert [c.id for c in plan.cells] == [
         "pair-0.4_ir-1_eps-0.1/erm", "pair-0.4_ir-1_eps-0.1/trades",
-        "clean_ir-10_eps-0.2/erm", "clean_ir-10_eps-0.2/trades", "wide/trades"]
-    erm, trades = plan.cells[0], plan.cells[1]
+        "pair-0.4_ir-1_eps-0.1/caat", "clean_ir-10_eps-0.2/erm",
+        "clean_ir-10_eps-0.2/trades", "clean_ir-10_eps-0.2/caat", "wide/caat"]
+    erm, trades, caat = plan.cells[:3]
     assert set(erm.space) == {"optim.lr"} and set(trades.space) == {"optim.lr", "method.beta"}
-    # A method's own block wins over `all`; torch threads follow the trial's CPUs.
-    assert erm.config["method"]["steps"] == 3 and trades.config["method"]["steps"] == 4
+    # A method's own block wins over `all`; a knob under `all` goes to the methods that
+    # have it (ERM has no attack); torch threads follow the trial's CPUs.
+    assert erm.config["method"] == {"name": "erm"}
+    assert trades.config["method"]["steps"] == 4 and caat.config["method"]["steps"] == 3
     assert erm.config["runtime"]["threads"] == 2
-    assert plan.cells[2].config["method"]["eps"] == 0.2
-    assert plan.cells[4].config["method"]["bound_range"] == [0.5, 2.0]
+    # A scenario's eps goes to the methods that attack, and names the scenario for all.
+    assert plan.cells[4].config["method"]["eps"] == 0.2
+    assert "eps" not in plan.cells[3].config["method"]
+    assert plan.cells[6].config["method"]["bound_range"] == [0.5, 2.0]
     cfg = plan.trial_config(trades, {"optim.lr": 0.05, "method.beta": 6.0}, seed=3)
     assert cfg["optim"]["lr"] == 0.05 and cfg["method"]["beta"] == 6.0
     assert cfg["runtime"]["seed"] == 3 and cfg["scenario"]["noise_rate"] == 0.4
+
+
+def test_a_space_searching_knobs_its_methods_never_read_is_refused():
+    # The space of the issue: every cell would search knobs with no effect.
+    space = tiny_space(search={"trades": {"method.meta_lr": {"type": "float", "low": 1e-4,
+                                                               "high": 1e-2},
+                                          "method.reweight_rate": 0.1},
+                               "erm": {"method.beta": {"type": "float", "low": 1, "high": 6}}})
+    with pytest.raises(ConfigError) as err:
+        parse_space(space)
+    assert str(err.value).startswith(
+        "space: search.trades.method.meta_lr: not a knob of method 'trades'; allowed: "
+        "method.beta, method.eps, method.step_size, method.steps, optim.batch_size")
+    assert "\n" not in str(err.value)
+    # Under `all`, in base and in a scenario, a knob no method of the sweep has is refused.
+    for where, edit in (("search.all.method.meta_lr", {"search": {"all": {"method.meta_lr": 0.1}}}),
+                        ("base: method.tolerance", {"base": {"method": {"tolerance": 0.1}}}),
+                        ("scenarios[0]: method.bound_range",
+                         {"scenarios": [{"bound_range": [0.5, 1.5]}]})):
+        with pytest.raises(ConfigError, match=re.escape(where) + ": not a knob of any method "
+                           r"of this sweep \(erm, trades\)"):
+            parse_space({**tiny_space(), **edit})
 
 
 def test_caat_direction_policy_and_meta_knobs_are_searched_like_any_knob():
@@ -210,7 +239,7 @@ BAD = [
     ("search block of another method", _edit(("search", "caat"), {}),
      "search.caat: not a method of this sweep; allowed: all, erm, trades"),
     ("unknown knob", _edit(("search", "trades", "method.betta"), 1.0),
-     "search.trades.method.betta: unknown or not searchable"),
+     "search.trades.method.betta: not a knob of method 'trades'; allowed: method.beta"),
     ("scenario key searched", _edit(("search", "all", "scenario.noise_rate"), 0.1),
      "search.all.scenario.noise_rate: unknown or not searchable"),
     ("epochs searched", _edit(("search", "all", "optim.epochs"), 5),

@@ -4,15 +4,18 @@ build_method`)."""
 import torch
 
 from trainables import methods, models
-from trainables.config import load_config
+from trainables.config import knobs_model, load_config
 from trainables.methods import Batch, MethodData
 
 
 def build_method(name: str, *, num_classes: int, n: int, side: int, meta_per_class: int,
                  arch: str = "small_cnn", seed: int = 0, **knobs):
     """(model, method, batch): n random 1 x side x side images with labels cycling over the
-    classes, and a meta set of ``meta_per_class`` random images per class."""
+    classes, and a meta set of ``meta_per_class`` random images per class. Of ``knobs``,
+    those the method has are set (the tests give all methods the same few)."""
     torch.manual_seed(seed)
+    own = knobs_model(name).model_fields
+    knobs = {k: v for k, v in knobs.items() if k in own}
     cfg = load_config({"dataset": {"name": "synthetic"}, "method": {"name": name, **knobs}})
     shape = (1, side, side)
     model = models.build(arch, num_classes, 1, input_shape=shape)

@@ -10,10 +10,9 @@ from trainables.methods.caat import (
     caat_features,
     caat_loss,
     combination_weights,
-    loss_rank_directions,
-    random_directions,
     rescale_perturbation,
 )
+from trainables.methods.direction_policies import loss_rank_directions, random_directions
 from trainables.methods.multipliers import (
     ClassMultipliers,
     MultiplierConfig,

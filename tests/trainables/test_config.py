@@ -19,34 +19,62 @@ def test_cifar_default_eps_is_8_over_255():
     assert load_config({"dataset": {"name": "cifar10"}}).train_eps == pytest.approx(8 / 255)
 
 
-@pytest.mark.parametrize("method, interval, lr", [("caat", 20, 1e-4), ("mwn", 50, 1e-3),
-                                                  ("trades", 50, 1e-3)])
-def test_meta_defaults_are_per_method_and_resolved(method, interval, lr):
+@pytest.mark.parametrize("method, knobs", [
+    ("caat", {"meta_interval": 20, "meta_lr": 1e-4, "meta_weight_decay": 5e-4,
+              "margin_limit": 2.5, "bound_step": "fixed"}),
+    ("mwn", {"meta_interval": 50, "meta_lr": 1e-3, "meta_weight_decay": 1e-4}),
+    ("frl", {"margin_limit": 3.0, "bound_step": "max_bound"})])
+def test_defaults_are_per_method_and_resolved(method, knobs):
     cfg = load_config({"method": {"name": method}})
-    assert cfg.method.meta_interval is None and cfg.method.meta_lr is None
-    assert (cfg.meta_interval, cfg.meta_lr) == (interval, lr)
     resolved = cfg.resolved()["method"]
-    assert (resolved["meta_interval"], resolved["meta_lr"]) == (interval, lr)
-    # A value in the config wins, whatever the method.
-    cfg = load_config({"method": {"name": method, "meta_interval": 7, "meta_lr": 0.01}})
-    assert (cfg.meta_interval, cfg.meta_lr) == (7, 0.01)
+    for key, value in knobs.items():
+        assert getattr(cfg.method, key) == value and resolved[key] == value, key
+    # A value in the config wins.
+    given = {k: v for k, v in {"meta_interval": 7, "margin_limit": 1.5}.items() if k in knobs}
+    cfg = load_config({"method": {"name": method, **given}})
+    assert {k: getattr(cfg.method, k) for k in given} == given
+
+
+@pytest.mark.parametrize("method, has", [("erm", set()), ("pgd_at", {"eps", "step_size", "steps"}),
+                                         ("trades", {"eps", "step_size", "steps", "beta"}),
+                                         ("mwn", {"meta_interval", "meta_lr"})])
+def test_a_method_holds_only_its_own_knobs(method, has):
+    resolved = load_config({"method": {"name": method}}).resolved()["method"]
+    assert has <= set(resolved) - {"name"}
+    assert not {"beta", "meta_lr", "tolerance", "temperature"} - has & set(resolved)
+    if method == "erm":
+        assert resolved == {"name": "erm"}
 
 
 def test_caat_meta_knobs_validate():
+    caat = {"name": "caat"}
     with pytest.raises(ConfigError, match="method.direction_policy: allowed: 'meta'"):
-        load_config({"method": {"direction_policy": "oracle"}})
+        load_config({"method": {**caat, "direction_policy": "oracle"}})
     with pytest.raises(ConfigError, match="method.anti_fraction: Input should be less than"):
-        load_config({"method": {"anti_fraction": 1.5}})
+        load_config({"method": {**caat, "anti_fraction": 1.5}})
     with pytest.raises(ConfigError, match="method.meta_temperature: Input should be greater"):
-        load_config({"method": {"meta_temperature": 0}})
-    assert load_config({"method": {"meta_temperature": None}}).method.meta_temperature is None
+        load_config({"method": {**caat, "meta_temperature": 0}})
+    with pytest.raises(ConfigError, match=r"method: bound_range must be \[lo, hi\]"):
+        load_config({"method": {**caat, "bound_range": [2, 1]}})
+    assert load_config({"method": {**caat, "meta_temperature": None}}).method.meta_temperature \
+        is None
+
+
+def test_a_knob_of_another_method_names_the_method_and_lists_its_knobs():
+    with pytest.raises(ConfigError) as err:
+        load_config({"method": {"name": "trades", "meta_lr": 0.01}})
+    assert str(err.value) == ("method.meta_lr: unknown key for method 'trades'; allowed: beta, "
+                              "eps, step_size, steps")
+    with pytest.raises(ConfigError, match="method.beta: unknown key for method 'erm'; it has "
+                                          "no knobs"):
+        load_config({"method": {"beta": 6}}, ["method.name=erm"])
 
 
 def test_dotted_overrides_parse_yaml_scalars():
     cfg = load_config({"method": {"beta": 1.0}},
-                      ["method.beta=6", "method.name=pgd_at", "optim.nesterov=false",
+                      ["method.beta=6", "method.name=caat", "optim.nesterov=false",
                        "method.bound_range=[0.2, 2.0]", "dataset.train_size=null"])
-    assert cfg.method.beta == 6.0 and cfg.method.name == "pgd_at"
+    assert cfg.method.beta == 6.0 and cfg.method.name == "caat"
     assert cfg.optim.nesterov is False
     assert cfg.method.bound_range == (0.2, 2.0)
     assert cfg.dataset.train_size is None
@@ -59,7 +87,7 @@ def test_flatten_round_trips_dotted_names():
 
 
 @pytest.mark.parametrize("raw, overrides, expected", [
-    ({"method": {"betaa": 1}}, [], "method.betaa: unknown key; allowed: "),
+    ({"method": {"betaa": 1}}, [], "method.betaa: unknown key for method 'trades'; allowed: "),
     ({"foo": {}}, [], "foo: unknown key; allowed: dataset, eval"),
     ({"optim": {"epochs": "many"}}, [], "optim.epochs:"),
     ({"optim": {"lr": -1}}, [], "optim.lr: Input should be greater than 0"),

@@ -5,14 +5,22 @@ The other end of CAAT's spectrum (CAAT with every sample choosing the anti direc
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
 
 from trainables.attacks import pgd_ce
+from trainables.knobs import AttackKnobs
 from trainables.methods.base import Batch, Method, StepResult
+
+
+class AntiAdvKnobs(AttackKnobs):
+    name: Literal["anti_adv"] = "anti_adv"
 
 
 class AntiAdv(Method):
     name = "anti_adv"
+    knobs = AntiAdvKnobs
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         # The tiny Gaussian start CAAT uses for its anti-adversarial examples.

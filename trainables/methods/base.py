@@ -1,18 +1,44 @@
-"""The method interface every training method implements.
+"""The interface every training method implements, built-in or from a plugin.
 
-A method owns whatever state it needs besides the model and the model's optimiser (a
-meta-net and its optimiser, class multipliers, running class losses) and exposes it through
-``state_dict``/``load_state_dict`` so a trial resumes exactly. Shared parts are components
-a method holds (`MetaLearner`, `ClassMultipliers`), each under its own key of that state.
+A method is a class with a ``name``, a ``knobs`` model and a ``step``; the trial loop
+(`trainables.trial.train_epoch`) owns everything else: the model, the optimiser, the
+batches, the learning-rate schedule, evaluation and checkpoints. Per trial:
+
+    method = Cls(model, cfg, data)        # once; cfg.method is an instance of Cls.knobs
+    for epoch in ...:
+        method.epoch_start(epoch)         # before the first batch (e.g. FRL's multipliers)
+        for batch in ...:
+            out = method.step(batch, lr)  # model in train mode; returns the loss with graph
+            # the loop: optimizer.zero_grad(); out.loss.backward(); optimizer.step()
+        extra = method.epoch_end(epoch)   # -> extra per-epoch metrics, reported and logged
+    state = method.state_dict()           # saved in every checkpoint; load_state_dict on resume
+
+- ``knobs``: a pydantic model (subclass of `trainables.knobs.Knobs`, with
+  ``name: Literal["<name>"]``) of the method's `method.*` keys. Configs and sweep spaces are
+  validated against it, MLflow logs its fields as params, and `caat-sweep methods` lists
+  them; compose the shared groups (`AttackKnobs`, `TradesKnobs`, ...) rather than copying.
+- ``step(batch, lr)``: ``batch.x`` pixels in [0, 1] (N x C x H x W; the model normalises),
+  ``batch.y`` the observed labels, ``batch.idx`` their positions in the training set; ``lr``
+  the optimiser's current rate. Returns a `StepResult`: the scalar loss (with graph), sums
+  over the batch to report as per-sample means (``sums``), and per-sample values for the
+  epoch's diagnostics (``per_sample``). Attack with `trainables.attacks` (eval mode inside,
+  modes restored) and leave the model's ``.grad`` alone: the loop owns the backward pass.
+- State beyond the model and its optimiser (a meta-net, multipliers, running statistics)
+  lives on the method and goes through ``state_dict``/``load_state_dict``, so a resumed
+  trial continues exactly. Shared parts are components a method holds (`MetaLearner`,
+  `ClassMultipliers`), each under its own key of that state.
+- Randomness comes from torch's global generator, which the trial seeds and checkpoints.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+
+from trainables.knobs import Knobs
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig
@@ -55,9 +81,12 @@ class StepResult:
 
 
 class Method:
-    """Base class: plain defaults for the hooks; subclasses implement ``step``."""
+    """Base class: plain defaults for the hooks; subclasses set ``name`` and ``knobs`` and
+    implement ``step``. ``self.eps`` and ``self.step_size`` are the training attack's bound
+    and step with the dataset's defaults filled in (for methods whose knobs have them)."""
 
-    name: str = "base"
+    name: ClassVar[str] = "base"
+    knobs: ClassVar[type[Knobs]] = Knobs
 
     def __init__(self, model: nn.Module, cfg: TrialConfig, data: MethodData) -> None:
         self.model = model

@@ -41,14 +41,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from trainables.attacks import ce_per_sample, kl_per_sample, pgd
+from trainables.knobs import (
+    BoundStep,
+    MarginLimit,
+    MetaInterval,
+    MetaKnobs,
+    MetaLR,
+    MetaWeightDecay,
+    MultiplierKnobs,
+    TradesKnobs,
+)
 from trainables.meta import AtParams, MetaStepStats, Params, call_with, model_params
 from trainables.methods.base import Batch, Method, MethodData, StepResult
+from trainables.methods.direction_policies import loss_rank_directions, random_directions
 from trainables.methods.metalearner import MetaLearner, meta_state_of
 from trainables.methods.multipliers import (
     ClassMultipliers,
@@ -57,6 +70,51 @@ from trainables.methods.multipliers import (
     measure_attacks,
 )
 from trainables.methods.trades_common import attack_target, weighted_trades_loss
+
+
+class CAATKnobs(MetaKnobs, MultiplierKnobs, TradesKnobs):
+    """CAAT's knobs: the attack and beta (TRADES), FRL's multipliers, the meta-learning,
+    and the direction and bound choices. The original's values, where the defaults go
+    beyond it: `meta_temperature: null`, `meta_init: random`, `meta_norm: batch`,
+    `directions: both`, `meta_interval: 50`."""
+
+    name: Literal["caat"] = "caat"
+    # Meta Adam lr 1e-4 and weight decay 5e-4 (xiaolingzhou98/CAAT `CAAT.py`); the lr was
+    # chosen on the validation split among 1e-2, 1e-3 and 1e-4 at a meta step every 5
+    # batches; then every 20 batches rather than the original's 50 or 5: equal on
+    # validation, at a quarter of the meta steps' cost (README, "What CAAT's meta-net
+    # learns"). Bound scales up to 2.5 and a fixed step at class bounds, as CAAT's utils.py.
+    meta_interval: MetaInterval = 20
+    meta_lr: MetaLR = 1e-4
+    meta_weight_decay: MetaWeightDecay = 5e-4
+    margin_limit: MarginLimit = 2.5
+    bound_step: BoundStep = "fixed"
+    temperature: float = Field(default=0.001, gt=0.0, description=(
+        "the training softmax of (w_adv, w_anti); 0.001: nearly a hard choice"))
+    meta_temperature: float | None = Field(default=1.0, gt=0.0, description=(
+        "the softmax the meta gradient flows through; null: the training one (original)"))
+    meta_init: Literal["adversarial", "random"] = Field(default="adversarial", description=(
+        "adversarial: every sample starts adversarial; random: PyTorch's init (original)"))
+    meta_norm: Literal["running", "batch"] = Field(default="running", description=(
+        "feature standardisation: running statistics, or train-mode BatchNorm (original)"))
+    direction_policy: Literal["meta", "random", "loss_rank"] = Field(default="meta", description=(
+        "who picks each sample's side: the meta-net, or an ablation (direction_policies.py)"))
+    anti_fraction: float = Field(default=0.2, ge=0.0, le=1.0, description=(
+        "anti-adversarial share of the random and loss_rank policies"))
+    directions: Literal["chosen", "both"] = Field(default="chosen", description=(
+        "chosen: attack each sample in its side only; both: both examples (original)"))
+    bound_mode: Literal["class", "sample"] = Field(default="class", description=(
+        "class: FRL's class bounds; sample: a meta-net output scales each sample's eps"))
+    bound_range: tuple[float, float] = Field(default=(0.5, 1.5), description=(
+        "[lo, hi] of the per-sample bound scale (bound_mode: sample)"))
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> CAATKnobs:
+        lo, hi = self.bound_range
+        if not 0 < lo <= hi:
+            raise ValueError("bound_range must be [lo, hi] with 0 < lo <= hi")
+        return self
+
 
 # `meta_init: adversarial`: the adversarial logit starts this many meta temperatures above
 # the anti one, for every sample: hard at the training temperature, while the
@@ -114,33 +172,6 @@ def anti_margin(out: torch.Tensor) -> torch.Tensor:
     return out[:, 1] - out[:, 0]
 
 
-def random_directions(n: int, fraction: float, *, device: torch.device | str = "cpu",
-                      generator: torch.Generator | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anti, score): each sample anti-adversarial with probability ``fraction``; the score
-    is the draw itself, flipped so that a higher score means anti."""
-    u = torch.rand(n, device=device, generator=generator)
-    return u < fraction, -u
-
-
-def loss_rank_directions(ce: torch.Tensor, y: torch.Tensor, fraction: float,
-                         num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anti, score): within each observed class of the batch, the round(fraction * n_c)
-    samples of highest clean loss go anti-adversarial (pure; the paper's intuition that
-    noisy labels have high loss). The score is the loss quantile within the class, in
-    (0, 1); ranking within classes keeps a hard class from taking every anti slot."""
-    n = len(y)
-    order = torch.argsort(ce, stable=True)
-    order = order[torch.argsort(y[order], stable=True)]  # by class, ascending loss within
-    counts = torch.bincount(y, minlength=num_classes)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(y)
-    rank[order] = torch.arange(n, device=y.device) - starts[y[order]]
-    n_c = counts[y].to(ce.dtype)
-    anti = rank.to(ce.dtype) >= n_c - torch.round(fraction * n_c)
-    return anti, (rank.to(ce.dtype) + 0.5) / n_c
-
-
 def anti_preference(weight_grad: torch.Tensor) -> torch.Tensor:
     """Each sample's meta preference for the anti-adversarial side from the meta gradient
     of its (w_adv, w_anti): d(meta)/d(w_adv) - d(meta)/d(w_anti), > 0 where moving weight
@@ -196,6 +227,7 @@ class CAAT(Method):
     meta-learner of the directions and bounds (``self.meta``)."""
 
     name = "caat"
+    knobs = CAATKnobs
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)
@@ -282,7 +314,7 @@ class CAAT(Method):
         interact in the attack's eval mode, and one big batch runs faster than two).
         ``model``: the network to attack, the trial's model by default."""
         model = self.model if model is None else model
-        step = bound_step_size(self.step_size, self.eps, eps_i, self.cfg.bound_step)
+        step = bound_step_size(self.step_size, self.eps, eps_i, self.cfg.method.bound_step)
         target = attack_target(model, x)
         # TRADES' tiny Gaussian start, one per sample, shared by both directions: `chosen`
         # and `both` start every sample from the same point, so they agree where the

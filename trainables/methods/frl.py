@@ -10,7 +10,10 @@ the class bounds steps by max_i(eps_i) / 4 (`method.bound_step: max_bound`), as 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from trainables.attacks import ce_per_sample, kl_per_sample
+from trainables.knobs import BoundStep, MarginLimit, MultiplierKnobs, TradesKnobs
 from trainables.methods.base import Batch, Method, MethodData, StepResult
 from trainables.methods.multipliers import (
     ClassMultipliers,
@@ -21,8 +24,17 @@ from trainables.methods.multipliers import (
 from trainables.methods.trades_common import trades_examples, weighted_trades_loss
 
 
+class FRLKnobs(MultiplierKnobs, TradesKnobs):
+    name: Literal["frl"] = "frl"
+    # fair_robust's `cost_sensitive` clips the scales at 3 and `trades_adv` steps by
+    # max_i(eps_i) / 4.
+    margin_limit: MarginLimit = 3.0
+    bound_step: BoundStep = "max_bound"
+
+
 class FRL(Method):
     name = "frl"
+    knobs = FRLKnobs
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)
@@ -41,7 +53,7 @@ class FRL(Method):
         eps_i = self.eps * m.scale[y]
         x_adv = trades_examples(self.model, x, eps=eps_i, steps=self.cfg.method.steps,
                                 step_size=bound_step_size(self.step_size, self.eps, eps_i,
-                                                          self.cfg.bound_step))
+                                                          self.cfg.method.bound_step))
         logits, logits_adv = self.model(x), self.model(x_adv)
         loss = weighted_trades_loss(ce_per_sample(logits, y),
                                     kl_per_sample(logits_adv, logits, detach_clean=False),

@@ -57,15 +57,15 @@ class MetaLearner:
         self.model, self.cfg, self.data, self.virtual = model, cfg, data, virtual
         self.net = MetaNet(in_features, cfg.method.meta_hidden, out_features,
                            norm=norm).to(data.device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.meta_lr,
-                                          weight_decay=cfg.meta_weight_decay)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.method.meta_lr,
+                                          weight_decay=cfg.method.meta_weight_decay)
         self.batches = 0
         self._grad_norms: list[float] = []
 
     def due(self) -> bool:
         """Counts batches; a meta step follows every `meta_interval`-th one."""
         self.batches += 1
-        return self.batches % self.cfg.meta_interval == 0
+        return self.batches % self.cfg.method.meta_interval == 0
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch of the clean meta set (global RNG: seeded and checkpointed)."""

@@ -88,7 +88,7 @@ class MultiplierConfig:
         m = cfg.method
         return cls(tolerance=m.tolerance, reweight_rate=m.reweight_rate,
                    remargin_rate=m.remargin_rate, weight_limit=m.weight_limit,
-                   margin_limit=cfg.margin_limit, reweight=m.frl_mode in ("reweight", "both"),
+                   margin_limit=m.margin_limit, reweight=m.frl_mode in ("reweight", "both"),
                    remargin=m.frl_mode in ("remargin", "both"), margin_floor=m.margin_floor,
                    reweight_halving=m.reweight_halving, measure=m.frl_measure)
 

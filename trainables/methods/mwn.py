@@ -7,17 +7,28 @@ weights. Natural training (no attack): the label-noise baseline CAAT builds on.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from trainables.attacks import ce_per_sample
+from trainables.knobs import MetaKnobs
 from trainables.meta import call_with
 from trainables.methods.base import Batch, Method, MethodData, StepResult
 from trainables.methods.metalearner import MetaLearner, meta_state_of
 
 
+class MWNKnobs(MetaKnobs):
+    """Meta-Weight-Net's meta-learning; Adam 1e-3 with weight decay 1e-4 as MW-Net.py, a
+    meta step every 50 batches (MW-Net.py: every batch) for cost."""
+
+    name: Literal["mwn"] = "mwn"
+
+
 class MWN(Method):
     name = "mwn"
+    knobs = MWNKnobs
 
     def __init__(self, model, cfg, data: MethodData) -> None:
         super().__init__(model, cfg, data)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from trainables.knobs import TradesKnobs
 from trainables.methods.base import Batch, Method, StepResult
 from trainables.methods.trades_common import trades_examples, trades_loss
 
 
+class TRADESKnobs(TradesKnobs):
+    name: Literal["trades"] = "trades"
+
+
 class TRADES(Method):
     name = "trades"
+    knobs = TRADESKnobs
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         x_adv = trades_examples(self.model, batch.x, eps=self.eps, step_size=self.step_size,
