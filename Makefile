@@ -16,7 +16,7 @@ SWEEP ?= quick
 TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///mlflow.db)
 ANALYSIS_DIR ?= runs/analysis/$(SWEEP)
 
-.PHONY: setup check-torch data browser demo sweep-demo train-demo analyze ui-screenshot test test-fast lint clean
+.PHONY: setup check-torch data browser plugin demo sweep-demo train-demo analyze ui-screenshot test test-fast lint clean
 
 setup: $(VENV)/.installed data
 
@@ -84,10 +84,18 @@ ui-screenshot: setup browser
 	$(PY) scripts/ui_screenshot.py $(SWEEP) --tracking-uri $(TRACKING_URI) \
 	  --png docs/mlflow-runs-$(SWEEP).png
 
-test: setup browser
+# The example plugin (examples/plugin): the tests sweep it through Ray workers. --no-deps:
+# it needs only caat-sweeper, installed already, and must not let pip touch torch.
+plugin: $(VENV)/.plugin-installed
+
+$(VENV)/.plugin-installed: examples/plugin/pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps -e examples/plugin
+	touch $@
+
+test: setup browser plugin
 	bash .ci/pytest.sh -m "slow or not slow"
 
-test-fast: setup
+test-fast: setup plugin
 	bash .ci/pytest.sh
 
 lint: setup

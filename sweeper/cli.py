@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from sweeper.contract import (
     ANALYSIS_ARTIFACTS,
@@ -21,120 +19,30 @@ from sweeper.contract import (
     log_analysis,
     resolve_tracking_uri,
 )
-from trainables.errors import ConfigError, ServiceUnavailable, one_line
+from trainables.errors import CliError, ConfigError, ServiceUnavailable, one_line
 
 EXIT_BAD_INPUT = 2
 DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sweep exits 2 "
                 "naming the driver that holds it. Ctrl-C or SIGTERM stops the sweep cleanly "
                 "(trials keep their last epoch's checkpoint, their runs are marked "
                 "interrupted) and prints the resume command; exit status 130 (SIGINT) or 143 "
-                "(SIGTERM).")
-
-
-class CliError(ConfigError):
-    """A bad command line (as opposed to a bad config); also exits 2."""
-
-
-# ------------------------------------------------------------------------------ train
+                "(SIGTERM). Exit status 0: every trial ended well; 1: the sweep ran to its "
+                "end but some trials failed (a trial whose config or plugin cannot load in "
+                "its worker fails at once, not retried); 2: bad input.")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from sweeper._train import train
 
-    from trainables import models
-    from trainables.config import load_config
-    from trainables.trial import DirectoryReporter, run_trial
+    return train(args)
 
-    cfg = load_config(args.config, args.set or ())
-    if cfg.eval.test == "none":
-        raise CliError("eval.test: none evaluates no test split, and `train` reports test "
-                       "metrics; allowed here: every, final")
-    out = Path(args.out)
-    reporter = DirectoryReporter(out, on_report=lambda m: tqdm.write(format_epoch(m)))
-    resume = check_out_dir(out, reporter, cfg.resolved(), force=args.force)
-    # Nothing is created in OUT until the first epoch reports: bad data or scenario
-    # settings fail before anything is written.
-    if resume is not None:
-        tqdm.write(f"resuming from {resume}")
 
-    # Redirected to a file (nohup, a batch job), a bar redrawn 10 times a second would fill
-    # the log: there it updates every 30 s.
-    refresh = 0.1 if sys.stderr.isatty() else 30.0
+def cmd_methods(args: argparse.Namespace) -> int:
+    from sweeper.catalog import catalog, format_catalog
 
-    def progress(it, *, epoch: int, total: int):
-        return tqdm(it, total=total, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                    unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr,
-                    mininterval=refresh)
-
-    result = run_trial(cfg, reporter, progress=progress)
-    final = final_metrics(result.metrics)
-    final["config"] = cfg.resolved()
-    final["scenario"] = result.problem.scenario.summary()
-    final["history"] = result.history
-    (out / "metrics.json").write_text(json.dumps(final, indent=2))
-    models.save_checkpoint(result.model, out / "model.pt")
-    # The finished model and metrics replace the resumable state.
-    shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
-    print(f"test natural acc {final['natural_acc']:.4f}  robust acc {final['robust_acc']:.4f}  "
-          f"worst-class natural {final['worst_class_natural_acc']:.4f}  -> {out}/metrics.json")
+    entries = catalog()
+    print(json.dumps(entries, indent=2, default=str) if args.json else format_catalog(entries))
     return 0
-
-
-def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> Path | None:
-    """Refuse to overwrite a run of another config, finished or not, unless `force`; with
-    `force` that run is discarded so the new one starts from scratch. Returns the checkpoint
-    to resume from (None: start afresh)."""
-    from trainables.trial import load_state
-
-    finished = out / "metrics.json"
-    resume = reporter.latest_checkpoint()
-    if resume is not None and load_state(resume)["config"] != config:
-        what = "an unfinished trial"
-    elif resume is None and finished.is_file() and _stored_config(finished) != config:
-        what = "a finished trial"
-    else:
-        return resume
-    if not force:
-        raise CliError(f"--out: {out} holds {what} of a different config; choose another "
-                       "directory, or pass --force to replace it")
-    shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
-    for name in ("metrics.json", "model.pt"):
-        (out / name).unlink(missing_ok=True)
-    return None
-
-
-def _stored_config(metrics_file: Path) -> Any:
-    try:
-        return json.loads(metrics_file.read_text()).get("config")
-    except (OSError, ValueError, AttributeError):
-        return None  # unreadable: not a run of this config
-
-
-def final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json's top level: the last epoch's test metrics without the `test_` prefix."""
-    out = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
-    out["val"] = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
-    out["train"] = {k: v for k, v in metrics.items()
-                    if not k.startswith(("test_", "val_"))}
-    return out
-
-
-def format_epoch(m: dict[str, Any]) -> str:
-    parts = [f"epoch {m['epoch']}", f"loss {m['train_loss']:.4f}",
-             f"{m['train_samples_per_s']:.0f} samples/s"]
-    if "frac_anti" in m:
-        parts.append(f"anti {m['frac_anti']:.2f}")
-    if "frac_anti_noisy" in m:
-        parts.append(f"(noisy {m['frac_anti_noisy']:.2f} clean {m['frac_anti_clean']:.2f})")
-    for key, label in (("anti_noisy_auc", "auc"), ("meta_pref_noisy_auc", "meta-pref auc")):
-        if key in m:
-            parts.append(f"{label} {m[key]:.2f}")
-    for split in ("val", "test"):
-        if f"{split}_natural_acc" in m:
-            parts.append(f"{split} nat {m[f'{split}_natural_acc']:.4f} "
-                         f"rob {m[f'{split}_robust_acc']:.4f} "
-                         f"worst {m[f'{split}_worst_class_natural_acc']:.4f}")
-    return "  ".join(parts)
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -290,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a run of another config in OUT (finished or not)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("methods", help="every method (built-in and plugins) with its knobs",
+                       description="List every training method, built-in or from an "
+                                   "installed plugin (entry points caat_sweeper.methods), "
+                                   "with its method.* knobs: type, default, bounds and what "
+                                   "each does. A config or a space may set only the chosen "
+                                   "method's own knobs. A plugin that does not import is "
+                                   "listed with its error.")
+    p.add_argument("--json", action="store_true", help="machine-readable, one list")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("launch", help="start a sweep (Ray Tune + Optuna + ASHA, MLflow)",
                        description="Validate SPACE (exit 2 on any problem, before anything "

@@ -23,7 +23,9 @@ scripts read it):
   `scenario`, `method`, `seed`, `phase` (`tune` | `confirm`); on confirmation runs
   `tuned_by` (`TUNED_BY_TAG`: the tuning trial whose config they re-run); `outcome`
   (`OUTCOMES`, set when the trial ends) and, for failed trials, `error` (one line);
-  `retries` when Ray Tune restarted the trial from its checkpoint after a failure;
+  `retries` when Ray Tune restarted the trial from its checkpoint after a failure (never
+  after an error that cannot pass on retry: a bad config or a plugin that does not import
+  in the worker ends the trial at once, reporting `UNRETRYABLE_KEY` with the one line);
   `restore` when a resume found the trial's recorded checkpoint missing or corrupt and
   continued from an intact one or from scratch (`sweeper/restore.py`), with `error` naming
   the corrupt file.
@@ -79,6 +81,10 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 # ------------------------------------------------------------------------------- the store
+
+# A trial's result carrying this key ended on an error that would fail the same way on
+# every retry (a config or plugin error in the worker): it is failed at once, not retried.
+UNRETRYABLE_KEY = "unretryable_error"
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"

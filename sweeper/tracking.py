@@ -42,6 +42,7 @@ from sweeper.contract import (
     PARENT_TAG,
     TRIAL_TAGS,
     TUNED_BY_TAG,
+    UNRETRYABLE_KEY,
     experiment_name,
     open_client,
 )
@@ -220,8 +221,9 @@ class Tracker:
 
 def trial_outcome(entry: Mapping[str, Any], last_result: Mapping[str, Any] | None,
                   error: bool) -> str:
-    """`failed`, `completed` (reached its last epoch) or `pruned` (stopped before by ASHA)."""
-    if error:
+    """`failed` (an error, or a result saying it could not pass on retry), `completed`
+    (reached its last epoch) or `pruned` (stopped before by ASHA)."""
+    if error or UNRETRYABLE_KEY in (last_result or {}):
         return "failed"
     epoch = (last_result or {}).get("epoch", 0)
     return "completed" if epoch >= entry["epochs"] else "pruned"
@@ -310,7 +312,8 @@ class TrackingCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         outcome = trial_outcome(trial.config[self.sweep_key], trial.last_result, error=False)
-        self._put(trial, wq.finish(trial.trial_id, outcome, None, self._last_classwise(trial)))
+        reason = (trial.last_result or {}).get(UNRETRYABLE_KEY)
+        self._put(trial, wq.finish(trial.trial_id, outcome, reason, self._last_classwise(trial)))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         self._put(trial, wq.finish(trial.trial_id, "failed", error_reason(trial),

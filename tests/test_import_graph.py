@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from trainables.registry import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainables", "sweeper")
 
@@ -190,7 +192,7 @@ def test_config_checks_names_without_torch_and_imports_only_the_chosen_method():
     lines = result.stdout.splitlines()
     assert lines[0] == "heavy at import: []"
     assert lines[1:4] == [
-        "method.name: unknown 'sgd'; allowed: anti_adv, caat, erm, frl, mwn, pgd_at, trades",
+        f"method.name: unknown 'sgd'; allowed: {', '.join(METHODS.names())}",
         "config: dataset.name: unknown 'mnist'; allowed: cifar10, cifar100, fashion_mnist, gmm, "
         "synthetic",
         "config: model.arch: unknown 'vgg'; allowed: linear, mlp, preact_resnet18, resnet32, "

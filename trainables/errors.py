@@ -12,6 +12,10 @@ class ConfigError(ValueError):
     """Bad user input: the message is one line naming the field and what is allowed."""
 
 
+class CliError(ConfigError):
+    """A bad command line (as opposed to a bad config); also exits 2."""
+
+
 class ServiceUnavailable(ConnectionError):
     """A service named by the input (a tracking server) could not be reached."""
 

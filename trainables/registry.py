@@ -5,13 +5,26 @@ As in Ray Tune's `search/__init__.py`, each table maps a name to where the objec
 ("module:attr") and imports it only when the name is used. So the config can check
 `dataset.name`, `model.arch` and `method.name` without importing torch, and the modules
 that hold the objects do not import the table back to fill it (no import cycle).
+
+Plugins: an installed distribution adds entries through Python entry points in the groups
+`caat_sweeper.methods`, `caat_sweeper.datasets` and `caat_sweeper.models` (name = value
+"module:attr", in its pyproject.toml's `[project.entry-points."caat_sweeper.methods"]`).
+Every process reads them on first use (the CLI, the sweep's driver and each Ray worker,
+wherever the plugin is installed) and imports a plugin only when its name is used. A plugin
+that fails to import fails that name with one line naming the plugin and its error; the
+other names keep working. A plugin name that a built-in already has is ignored, with a note
+(`problems`). The core knows no plugin by name.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Generic, TypeVar
+
+from trainables.errors import ConfigError, one_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,21 +40,52 @@ def unknown_name(field: str, name: object, allowed: list[str]) -> str:
     return f"{field}: unknown {name!r}; allowed: {', '.join(allowed)}"
 
 
+@dataclass(frozen=True)
+class Plugin:
+    """An entry point of an installed distribution."""
+
+    name: str
+    value: str  # "module:attr"
+    distribution: str  # "name version"
+    entry_point: EntryPoint
+
+    def describe(self) -> str:
+        return f"plugin {self.name!r} ({self.distribution}, {self.value})"
+
+
 class Registry(Generic[T]):
     """A table of names read by config key.
 
     ``locations`` maps each built-in name to ``"module:attr"``, imported on first use;
-    ``register`` adds further entries at run time (tests, extensions). ``field`` is the
-    config key that names an entry (``model.arch``); lookups of unknown names raise
-    ``error`` with :func:`unknown_name`'s message.
+    ``group`` names the entry-point group plugins add to; ``register`` adds further entries
+    at run time (tests, extensions). ``field`` is the config key that names an entry
+    (``model.arch``); lookups of unknown names raise ``error`` with :func:`unknown_name`'s
+    message.
     """
 
     def __init__(self, field: str, locations: Mapping[str, str],
-                 error: type[Exception] = ValueError) -> None:
+                 error: type[Exception] = ValueError, group: str | None = None) -> None:
         self.field = field
         self.error = error
+        self.group = group
         self.locations = dict(locations)
         self.table: dict[str, T] = {}  # the entries imported or registered so far
+        self._plugins: dict[str, Plugin] | None = None  # read on first use
+        self.problems: list[str] = []  # plugins ignored, one line each
+
+    @property
+    def plugins(self) -> dict[str, Plugin]:
+        if self._plugins is None:
+            self._plugins = {}
+            for ep in entry_points(group=self.group) if self.group else ():
+                dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+                plugin = Plugin(ep.name, ep.value, dist, ep)
+                if ep.name in self.locations or ep.name in self._plugins:
+                    self.problems.append(f"{self.field}: {plugin.describe()} ignored: the "
+                                         f"name {ep.name!r} is taken")
+                    continue
+                self._plugins[ep.name] = plugin
+        return self._plugins
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -54,28 +98,55 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if name not in self.table:
-            if name not in self.locations:
+            if name in self.locations:
+                module, _, attr = self.locations[name].partition(":")
+                self.table[name] = getattr(importlib.import_module(module), attr)
+            elif name in self.plugins:
+                self.table[name] = self._load_plugin(self.plugins[name])
+            else:
                 raise self.error(self.unknown(name))
-            module, _, attr = self.locations[name].partition(":")
-            self.table[name] = getattr(importlib.import_module(module), attr)
         return self.table[name]
+
+    def _load_plugin(self, plugin: Plugin) -> T:
+        try:
+            return plugin.entry_point.load()
+        except Exception as exc:  # whatever the plugin's import raises: one line, ours
+            raise PluginError(f"{self.field}: {plugin.describe()} failed to import: "
+                              f"{type(exc).__name__}: {one_line(exc)}") from None
+
+    def source(self, name: str) -> str:
+        """Where an entry comes from: `built-in`, `plugin <distribution>` or `registered`."""
+        if name in self.locations:
+            return "built-in"
+        if name in self.plugins:
+            return f"plugin {self.plugins[name].distribution}"
+        return "registered"
 
     def unknown(self, name: str) -> str:
         return unknown_name(self.field, name, self.names())
 
     def names(self) -> list[str]:
-        return sorted(self.locations.keys() | self.table.keys())
+        return sorted(self.locations.keys() | self.table.keys() | self.plugins.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self.table or name in self.locations
+        return name in self.table or name in self.locations or name in self.plugins
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
-# The built-in entries. A new dataset, model or method is one line here.
+class PluginError(ConfigError):
+    """A plugin that does not import: the same on every retry, so never retried."""
+
+
+# The entry-point groups plugins add to.
+GROUPS = {"methods": "caat_sweeper.methods", "datasets": "caat_sweeper.datasets",
+          "models": "caat_sweeper.models"}
+
+# The built-in entries. A new dataset, model or method is one line here (or a plugin).
 # loader(cfg: DatasetConfig, seed: int) -> DatasetSplits
-DATASETS: Registry[Callable[..., DatasetSplits]] = Registry("dataset.name", {
+DATASETS: Registry[Callable[..., DatasetSplits]] = Registry(
+    "dataset.name", group=GROUPS["datasets"], locations={
     "fashion_mnist": "trainables.data:load_fashion_mnist",
     "cifar10": "trainables.data:load_cifar10",
     "cifar100": "trainables.data:load_cifar100",
@@ -84,7 +155,8 @@ DATASETS: Registry[Callable[..., DatasetSplits]] = Registry("dataset.name", {
 })
 
 # factory(num_classes, in_channels, input_shape) -> the bare network
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model.arch", {
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model.arch", group=GROUPS["models"], locations={
     "linear": "trainables.models:_linear",
     "mlp": "trainables.models:_mlp",
     "small_cnn": "trainables.models:_small_cnn",
@@ -93,7 +165,8 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model.arch", {
     "resnet32": "trainables.models:_resnet32",
 })
 
-METHODS: Registry[type[Method]] = Registry("method.name", {
+METHODS: Registry[type[Method]] = Registry(
+    "method.name", group=GROUPS["methods"], locations={
     "erm": "trainables.methods.erm:ERM",
     "pgd_at": "trainables.methods.pgd_at:PGDAT",
     "trades": "trainables.methods.trades:TRADES",

@@ -12,6 +12,7 @@ from sweeper import tracking
 from sweeper.contract import (
     OBJECTIVES_TAG,
     OPTUNA_STORAGE_TAG,
+    UNRETRYABLE_KEY,
     format_objectives,
     resolve_tracking_uri,
 )
@@ -27,6 +28,9 @@ from sweeper.signals import StopSignals
 from sweeper.spaces import SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback
 from trainables.errors import ConfigError, one_line
+
+# The sweep ran to its end, but some of its trials failed (their `error` tags say why).
+EXIT_TRIALS_FAILED = 1
 
 
 @dataclass
@@ -265,7 +269,7 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
     state = load_search_state(manifest.sweep_dir, [c.id for c in plan.cells])
     if state is not None:
         searcher.load_state(state)
-    failed = sum(r.error is not None for r in grid)
+    failed = sum(r.error is not None or UNRETRYABLE_KEY in (r.metrics or {}) for r in grid)
     if not searcher.complete():
         _end_parent(manifest, tracker, "KILLED")
         print(f"sweep {plan.name} interrupted ({len(grid)} trials so far); "
@@ -280,7 +284,7 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
               + ", so no confirmation runs", file=sys.stderr)
     print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed; `caat-sweep status "
           f"{plan.name}` for the table, MLflow at {manifest.tracking_uri}", file=sys.stderr)
-    return 0
+    return EXIT_TRIALS_FAILED if failed else 0
 
 
 def _end_parent(manifest: st.Manifest, tracker: Tracker, status: str) -> None:

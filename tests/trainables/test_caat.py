@@ -10,9 +10,12 @@ from trainables.methods.caat import (
     caat_features,
     caat_loss,
     combination_weights,
+)
+from trainables.methods.caat_parts import (
+    loss_rank_directions,
+    random_directions,
     rescale_perturbation,
 )
-from trainables.methods.direction_policies import loss_rank_directions, random_directions
 from trainables.methods.multipliers import (
     ClassMultipliers,
     MultiplierConfig,

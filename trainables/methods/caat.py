@@ -19,21 +19,14 @@ weights compares its two losses, and the unchosen one must be measured on its ow
 `bound_mode: sample` adds a third meta-net output that scales each sample's eps within
 `bound_range` (the class remargin is then off: the meta-net owns the bounds).
 
-Where the original's meta-net does not learn, and what is done instead:
-- At T = 0.001 its softmax is saturated for nearly every sample, so one or two samples near
-  the boundary carry the whole meta gradient. Here the meta gradient flows straight-through
-  a softmax at `meta_temperature` while training keeps the hard choice.
-- A randomly initialised net sends nearly all samples to one side, which side a coin flip of
-  the seed. `meta_init: adversarial` starts every sample adversarial (CAAT begins as TRADES
-  with FRL multipliers) and lets the meta gradient move them.
-- Train-mode BatchNorm makes a sample's choice depend on its batch; `meta_norm: running`
-  standardises the features by running statistics instead.
-- `direction_policy: random | loss_rank` replaces the meta-net's choice by ablations that keep
-  everything else (bounds, multipliers, loss form).
-
-Departures from the original code, each a fix: BatchNorm modes are restored after attacks;
-the class mean-loss feature is updated every epoch; the meta loss uses the meta batch's own
-class weights; any number of classes; pixel-space bounds.
+Where the original's meta-net does not learn (README, "What CAAT's meta-net learns"): its
+saturated T = 0.001 softmax leaves one or two samples a meta gradient (here it flows
+straight-through a softmax at `meta_temperature`); its random init sends a batch to one side
+by the seed's coin flip (`meta_init: adversarial` starts as TRADES with FRL multipliers); its
+train-mode BatchNorm makes a choice depend on the batch (`meta_norm: running`);
+`direction_policy: random | loss_rank` are ablations that keep everything else. Fixes of the
+original code: BatchNorm modes restored after attacks; the class mean-loss feature updated
+every epoch; the meta batch's own class weights; any number of classes; pixel-space bounds.
 """
 
 from __future__ import annotations
@@ -61,7 +54,13 @@ from trainables.knobs import (
 )
 from trainables.meta import AtParams, MetaStepStats, Params, call_with, model_params
 from trainables.methods.base import Batch, Method, MethodData, StepResult
-from trainables.methods.direction_policies import loss_rank_directions, random_directions
+from trainables.methods.caat_parts import (
+    anti_preference,
+    loss_rank_directions,
+    random_directions,
+    rescale_perturbation,
+    sample_bound_scale,
+)
 from trainables.methods.metalearner import MetaLearner, meta_state_of
 from trainables.methods.multipliers import (
     ClassMultipliers,
@@ -79,11 +78,9 @@ class CAATKnobs(MetaKnobs, MultiplierKnobs, TradesKnobs):
     `directions: both`, `meta_interval: 50`."""
 
     name: Literal["caat"] = "caat"
-    # Meta Adam lr 1e-4 and weight decay 5e-4 (xiaolingzhou98/CAAT `CAAT.py`); the lr was
-    # chosen on the validation split among 1e-2, 1e-3 and 1e-4 at a meta step every 5
-    # batches; then every 20 batches rather than the original's 50 or 5: equal on
-    # validation, at a quarter of the meta steps' cost (README, "What CAAT's meta-net
-    # learns"). Bound scales up to 2.5 and a fixed step at class bounds, as CAAT's utils.py.
+    # Adam 1e-4 with weight decay 5e-4 as CAAT.py (the lr chosen on validation among 1e-2,
+    # 1e-3, 1e-4); a meta step every 20 batches, not 50: equal on validation at a quarter of
+    # the cost (README); scales up to 2.5 and a fixed step at class bounds, as utils.py.
     meta_interval: MetaInterval = 20
     meta_lr: MetaLR = 1e-4
     meta_weight_decay: MetaWeightDecay = 5e-4
@@ -98,7 +95,7 @@ class CAATKnobs(MetaKnobs, MultiplierKnobs, TradesKnobs):
     meta_norm: Literal["running", "batch"] = Field(default="running", description=(
         "feature standardisation: running statistics, or train-mode BatchNorm (original)"))
     direction_policy: Literal["meta", "random", "loss_rank"] = Field(default="meta", description=(
-        "who picks each sample's side: the meta-net, or an ablation (direction_policies.py)"))
+        "who picks each sample's side: the meta-net, or an ablation (caat_parts.py)"))
     anti_fraction: float = Field(default=0.2, ge=0.0, le=1.0, description=(
         "anti-adversarial share of the random and loss_rank policies"))
     directions: Literal["chosen", "both"] = Field(default="chosen", description=(
@@ -170,28 +167,6 @@ def combination_weights(out: torch.Tensor, temperature: float,
 def anti_margin(out: torch.Tensor) -> torch.Tensor:
     """Each sample's anti-adversarial score: the pre-softmax margin, > 0 means anti (pure)."""
     return out[:, 1] - out[:, 0]
-
-
-def anti_preference(weight_grad: torch.Tensor) -> torch.Tensor:
-    """Each sample's meta preference for the anti-adversarial side from the meta gradient
-    of its (w_adv, w_anti): d(meta)/d(w_adv) - d(meta)/d(w_anti), > 0 where moving weight
-    from the adversarial to the anti-adversarial term lowers the meta loss (pure). It shows
-    what the meta objective rewards, whatever the meta-net makes of it."""
-    return weight_grad[:, 0] - weight_grad[:, 1]
-
-
-def sample_bound_scale(out: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Per-sample bound scale in [lo, hi] from the meta-net's third output (pure)."""
-    return lo + (hi - lo) * torch.sigmoid(out[:, 2])
-
-
-def rescale_perturbation(x: torch.Tensor, x_pert: torch.Tensor, eps_used: torch.Tensor,
-                         eps_new: torch.Tensor) -> torch.Tensor:
-    """x + (x_pert - x) * eps_new / eps_used, clipped to [0, 1]: the same perturbation
-    stretched to another bound, differentiable in eps_new (how the meta-net learns bounds)."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    unit = (x_pert - x) / eps_used.clamp_min(1e-12).view(shape)
-    return (x + unit * eps_new.view(shape)).clamp(0.0, 1.0)
 
 
 class _Perturbed:

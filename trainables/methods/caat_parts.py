@@ -1,6 +1,7 @@
-"""CAAT's direction ablations (`method.direction_policy: random | loss_rank`): who else
-could pick each sample's side, keeping everything else of CAAT (bounds, multipliers, loss).
-They isolate what the meta-net's choice adds; pure functions of the batch."""
+"""CAAT's pure pieces besides the method itself (`caat.py`): the direction ablations
+(`method.direction_policy: random | loss_rank`: who else could pick each sample's side,
+keeping everything else of CAAT), the meta objective's per-sample preference, and the
+per-sample bounds of `bound_mode: sample`."""
 
 from __future__ import annotations
 
@@ -32,3 +33,25 @@ def loss_rank_directions(ce: torch.Tensor, y: torch.Tensor, fraction: float,
     n_c = counts[y].to(ce.dtype)
     anti = rank.to(ce.dtype) >= n_c - torch.round(fraction * n_c)
     return anti, (rank.to(ce.dtype) + 0.5) / n_c
+
+
+def anti_preference(weight_grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's meta preference for the anti-adversarial side from the meta gradient
+    of its (w_adv, w_anti): d(meta)/d(w_adv) - d(meta)/d(w_anti), > 0 where moving weight
+    from the adversarial to the anti-adversarial term lowers the meta loss (pure). It shows
+    what the meta objective rewards, whatever the meta-net makes of it."""
+    return weight_grad[:, 0] - weight_grad[:, 1]
+
+
+def sample_bound_scale(out: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Per-sample bound scale in [lo, hi] from the meta-net's third output (pure)."""
+    return lo + (hi - lo) * torch.sigmoid(out[:, 2])
+
+
+def rescale_perturbation(x: torch.Tensor, x_pert: torch.Tensor, eps_used: torch.Tensor,
+                         eps_new: torch.Tensor) -> torch.Tensor:
+    """x + (x_pert - x) * eps_new / eps_used, clipped to [0, 1]: the same perturbation
+    stretched to another bound, differentiable in eps_new (how the meta-net learns bounds)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    unit = (x_pert - x) / eps_used.clamp_min(1e-12).view(shape)
+    return (x + unit * eps_new.view(shape)).clamp(0.0, 1.0)
