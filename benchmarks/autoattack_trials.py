@@ -65,7 +65,7 @@ def attack_trial(trial: str, want: dict[str, Any], threads: int) -> tuple[str, f
     import torch
 
     from trainables.autoattack import evaluate_autoattack
-    from trainables.config import load_config
+    from trainables.config import load_config, recorded_config
     from trainables.data import load
     from trainables.models import load_checkpoint
     from trainables.problem import evaluated_test_positions, evaluated_test_split
@@ -74,7 +74,7 @@ def attack_trial(trial: str, want: dict[str, Any], threads: int) -> tuple[str, f
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     run = Path(trial)
-    cfg = load_config(json.loads((run / "metrics.json").read_text())["config"], [
+    cfg = load_config(recorded_config(json.loads((run / "metrics.json").read_text())["config"]), [
         f"eval.autoattack={want['version']}", f"eval.autoattack_samples={want['samples']}",
         *([f"eval.autoattack_targets={want['targets']}"] if want["targets"] else [])])
     splits = load(cfg.dataset, seed=cfg.runtime.seed)

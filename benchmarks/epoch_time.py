@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trainables import methods
-from trainables.config import load_config
+from trainables.config import load_config, recorded_config
 from trainables.trial import (
     build_model,
     build_problem,
@@ -55,7 +55,7 @@ def config(method: str, args: argparse.Namespace) -> dict:
         # class: the per-epoch multiplier update is measured at a realistic share.
         "scenario": {"meta_per_class": 20, "val_per_class": 10},
         "model": {"arch": args.arch},
-        "method": {"name": method, "steps": args.steps},
+        "method": recorded_config({"method": {"name": method, "steps": args.steps}})["method"],
         "optim": {"epochs": args.epochs, "batch_size": args.batch_size},
         "runtime": {"seed": 0, "device": args.device, "threads": args.threads},
     }

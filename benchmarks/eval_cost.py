@@ -29,7 +29,7 @@ import torch
 from epoch_time import cpu_name
 
 from trainables.autoattack import STANDARD_TARGETS, run_autoattack, stratified_subset
-from trainables.config import TrialConfig, load_config
+from trainables.config import TrialConfig, load_config, recorded_config
 from trainables.data import load
 from trainables.metrics import evaluate
 from trainables.models import load_checkpoint
@@ -52,7 +52,8 @@ def model_and_config(path: str | None) -> tuple[torch.nn.Module, TrialConfig, st
     p = Path(path)
     run_dir, model_file = (p, p / "model.pt") if p.is_dir() else (p.parent, p)
     metrics = run_dir / "metrics.json"
-    cfg = load_config(json.loads(metrics.read_text())["config"] if metrics.is_file() else None)
+    cfg = load_config(recorded_config(json.loads(metrics.read_text())["config"])
+                      if metrics.is_file() else None)
     return load_checkpoint(model_file), cfg, str(model_file)
 
 

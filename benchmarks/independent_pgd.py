@@ -42,14 +42,14 @@ def independent_pgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.T
 
 
 def main() -> None:
-    from trainables.config import load_config
+    from trainables.config import load_config, recorded_config
     from trainables.data import load
     from trainables.models import load_checkpoint
     from trainables.problem import evaluated_test_split
 
     for run in sys.argv[1:]:
         metrics = json.loads((Path(run) / "metrics.json").read_text())
-        cfg = load_config(metrics["config"])
+        cfg = load_config(recorded_config(metrics["config"]))
         model = load_checkpoint(Path(run) / "model.pt")
         test_x, test_y = evaluated_test_split(cfg, load(cfg.dataset, seed=cfg.runtime.seed))
         acc = independent_pgd_accuracy(model, test_x, test_y, eps=cfg.eval_eps,

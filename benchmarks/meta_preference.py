@@ -33,7 +33,7 @@ import torch
 from scipy.stats import spearmanr
 
 from trainables import methods
-from trainables.config import validate
+from trainables.config import recorded_config, validate
 from trainables.diagnostics import roc_auc
 from trainables.meta import model_params, virtual_step
 from trainables.methods.trades_common import weighted_trades_loss
@@ -105,7 +105,7 @@ def summary(df: pd.DataFrame) -> dict[str, float]:
 def load_point(run_dir: Path, point: str):
     """(method, problem, lr) of a trial at its warm start or its final state."""
     state_dir = run_dir / "checkpoint"
-    cfg = validate(json.loads((run_dir / "metrics.json").read_text())["config"])
+    cfg = validate(recorded_config(json.loads((run_dir / "metrics.json").read_text())["config"]))
     device = torch.device("cpu")
     problem = build_problem(cfg, device)
     model = build_model(cfg, problem, device, initialise=False)

@@ -46,6 +46,13 @@ AA_COLUMNS = {"autoattack_acc": "AutoAttack", "worst_class_autoattack_acc":
               "worst-class AutoAttack", "pgd_autoattack_gap": "PGD-AA gap"}
 
 
+def method_block(method: str, knobs: dict) -> dict:
+    """The method's name and those of the shared knobs it has (ERM has no attack)."""
+    from trainables.config import recorded_config
+
+    return recorded_config({"method": {"name": method, **knobs}})["method"]
+
+
 def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace,
                  knobs: dict | None = None) -> dict:
     """The trial of (scenario, method, seed); ``knobs`` are extra `method.*` settings (the
@@ -55,8 +62,8 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
                     "test_size": args.test_size},
         "scenario": {"meta_per_class": 20, "val_per_class": 100, **SCENARIOS[scenario]},
         "model": {"arch": "small_cnn"},
-        "method": {"name": method, "eps": 0.1, "step_size": 0.025, "steps": 5, "beta": 6.0,
-                   **(knobs or {})},
+        "method": method_block(method, {"eps": 0.1, "step_size": 0.025, "steps": 5,
+                                        "beta": 6.0, **(knobs or {})}),
         # One warm start per scenario and seed, shared by the 7 methods.
         "init": {"erm_epochs": 1, "cache_dir": str(Path(args.out) / "warm_starts")},
         "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 0.05},
@@ -67,14 +74,15 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
 
 def run_one(cfg: dict, out: str) -> tuple[str, float]:
     """One trial in a worker process (resumes from its checkpoint if one is there)."""
-    from trainables.config import validate
+    from trainables.config import same_config, validate
     from trainables.models import save_checkpoint
     from trainables.trial import DirectoryReporter, load_state, run_trial
 
     t0 = time.perf_counter()
     reporter = DirectoryReporter(Path(out))
     resume = reporter.latest_checkpoint()
-    if resume is not None and load_state(resume)["config"] != validate(cfg).resolved():
+    if resume is not None and not same_config(load_state(resume)["config"],
+                                              validate(cfg).resolved()):
         # A checkpoint of another config (or of other defaults) is no state to resume from.
         shutil.rmtree(resume)
     result = run_trial(cfg, reporter)
@@ -97,7 +105,7 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
 def is_done(out: Path, cfg: dict) -> bool:
     """A finished trial of this very config, defaults resolved as they are now: a result of
     another config, or of the same config under other defaults, is stale and re-run."""
-    from trainables.config import validate
+    from trainables.config import same_config, validate
 
     path = out / "metrics.json"
     if not path.is_file():
@@ -110,7 +118,7 @@ def is_done(out: Path, cfg: dict) -> bool:
         from trainables.trial import load_state
 
         resolved = load_state(out / "checkpoint")["config"]
-    return resolved == validate(cfg).resolved()
+    return same_config(resolved, validate(cfg).resolved())
 
 
 def collect(root: Path) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainables.config import same_config
 from trainables.errors import CliError
 
 
@@ -62,9 +63,10 @@ def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> P
 
     finished = out / "metrics.json"
     resume = reporter.latest_checkpoint()
-    if resume is not None and load_state(resume)["config"] != config:
+    if resume is not None and not same_config(load_state(resume)["config"], config):
         what = "an unfinished trial"
-    elif resume is None and finished.is_file() and _stored_config(finished) != config:
+    elif resume is None and finished.is_file() and not same_config(_stored_config(finished),
+                                                                   config):
         what = "a finished trial"
     else:
         return resume

@@ -228,6 +228,38 @@ class TrialConfig(_Strict):
         return out
 
 
+def recorded_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config recorded before methods owned their knobs, as this version reads it: its
+    `method` block keeps the chosen method's knobs and drops the others' (that version
+    wrote every method's knobs, and let a shared one reach methods without it). A config
+    written now passes through unchanged."""
+    out = copy.deepcopy(dict(raw))
+    block = out.get("method")
+    if isinstance(block, Mapping):
+        name = block.get("name", DEFAULT_METHOD)
+        if isinstance(name, str) and name in METHODS:
+            own = knobs_model(name).model_fields
+            out["method"] = {k: v for k, v in block.items() if k in own}
+    return out
+
+
+def same_config(stored: Mapping[str, Any] | None, resolved: Mapping[str, Any]) -> bool:
+    """Whether a recorded resolved config (a checkpoint's, a metrics.json's) is this one.
+    One written before methods owned their knobs holds every method's knobs in `method`:
+    it is the same config when the chosen method's knobs and everything else agree."""
+    if not isinstance(stored, Mapping):
+        return False
+    if set(stored) != set(resolved):
+        return False
+    for section, value in resolved.items():
+        if section == "method" and isinstance(stored[section], Mapping):
+            if any(stored[section].get(k, object()) != v for k, v in value.items()):
+                return False
+        elif stored[section] != value:
+            return False
+    return True
+
+
 def _check_registered(cfg: TrialConfig) -> None:
     # The registries know their names without importing the datasets, models and methods
     # (torch), so checking a config stays cheap.

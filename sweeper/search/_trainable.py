@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from sweeper.contract import UNRETRYABLE_KEY
 from sweeper.search._faults import FailRule, FaultyReporter
 from sweeper.search._inputs import SWEEP_KEY, SharedSplits
-from trainables.config import validate
+from trainables.config import recorded_config, validate
 from trainables.errors import ConfigError, one_line
 
 logger = logging.getLogger("caat_sweeper.trial")
@@ -39,7 +39,9 @@ def run_sweep_trial(config: dict, entry: Mapping, datasets: Mapping[str, SharedS
                     warm_starts: Mapping[str, dict], faults: list[FailRule]) -> None:
     from trainables.trial import RayReporter, run_trial, warm_start_key
 
-    cfg = validate({k: v for k, v in config.items() if k != SWEEP_KEY})
+    # recorded_config: a trial restored from a sweep launched before methods owned their
+    # knobs may carry other methods' knobs; the driver validated everything else.
+    cfg = validate(recorded_config({k: v for k, v in config.items() if k != SWEEP_KEY}))
     ws = None
     if entry.get("warm_start"):
         # This trial's own key maps to the warm start its scenario and seed share.

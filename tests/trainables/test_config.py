@@ -138,3 +138,21 @@ def test_shipped_trial_configs_validate():
     assert {f.stem for f in files} >= {"fashion_mnist", "cifar10"}
     for f in files:
         load_config(f)
+
+
+def test_a_config_recorded_before_methods_owned_their_knobs_still_reads():
+    from trainables.config import recorded_config, same_config
+
+    # What the flat schema wrote for an ERM trial: every method's knobs.
+    old = {"method": {"name": "erm", "eps": 0.1, "steps": 5, "beta": 6.0, "meta_lr": 1e-3},
+           "optim": {"epochs": 2}}
+    with pytest.raises(ConfigError, match="unknown key for method 'erm'"):
+        load_config(old)
+    cfg = load_config(recorded_config(old))
+    assert cfg.resolved()["method"] == {"name": "erm"} and cfg.optim.epochs == 2
+    # The same config, recorded then and resolved now; another value is another config.
+    stored = load_config({"method": {"name": "trades", "beta": 3.0}}).resolved()
+    stored["method"].update(meta_lr=1e-3, tolerance=0.05)
+    assert same_config(stored, load_config({"method": {"name": "trades", "beta": 3.0}}).resolved())
+    assert not same_config(stored, load_config({"method": {"name": "trades"}}).resolved())
+    assert not same_config(None, load_config().resolved())
