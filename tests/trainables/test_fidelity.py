@@ -11,6 +11,7 @@ and shows everything else is equal; README's fidelity table lists those deviatio
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import reference_code as ref
@@ -124,49 +125,57 @@ def test_erm_equals_cross_entropy():
     assert_same_grads(loss, model, ref_loss, ref_model)
 
 
-def test_pgd_at_equals_madry_from_the_same_start():
+@dataclass
+class Step:
+    """One project step on a fresh problem, and a copy of the model for the reference."""
+
+    model: nn.Module
+    ref_model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    loss: torch.Tensor
+    example: torch.Tensor  # the input of the step's last train-mode forward
+
+
+def project_step(name: str, seed: int, **knobs) -> Step:
+    """The project's step of method ``name``; the global RNG is then reseeded with ``seed``,
+    so the reference draws the very start the project drew."""
     model, x, y, mx, my = problem()
     ref_model = copy.deepcopy(model)
-    method, batch = build("pgd_at", model, x, y, mx, my, eps=0.1, step_size=0.03, steps=5)
+    method, batch = build(name, model, x, y, mx, my, **knobs)
     rec = TrainInputs(model)
     model.train()
-    torch.manual_seed(11)
+    torch.manual_seed(seed)
     loss = method.step(batch, lr=0.1).loss
-    torch.manual_seed(11)
-    start = uniform_start(x, 0.1)
-    ref_loss, ref_adv = ref.madry_loss(ref_model, x, y, start, epsilon=0.1, num_steps=5,
+    torch.manual_seed(seed)
+    return Step(model, ref_model, x, y, loss, rec.seen[-1])
+
+
+def assert_same_step(step: Step, ref_loss: torch.Tensor, ref_example: torch.Tensor) -> None:
+    assert close(step.example, ref_example), max_diff(step.example, ref_example)
+    assert close(step.loss, ref_loss)
+    assert_same_grads(step.loss, step.model, ref_loss, step.ref_model)
+
+
+def test_pgd_at_equals_madry_from_the_same_start():
+    step = project_step("pgd_at", 11, eps=0.1, step_size=0.03, steps=5)
+    ref_loss, ref_adv = ref.madry_loss(step.ref_model, step.x, step.y,
+                                       uniform_start(step.x, 0.1), epsilon=0.1, num_steps=5,
                                        step_size=0.03)
-    assert close(rec.seen[-1], ref_adv), max_diff(rec.seen[-1], ref_adv)
-    assert close(loss, ref_loss)
-    assert_same_grads(loss, model, ref_loss, ref_model)
+    assert_same_step(step, ref_loss, ref_adv)
 
 
 def test_trades_equals_trades_py():
-    model, x, y, mx, my = problem()
-    ref_model = copy.deepcopy(model)
-    method, batch = build("trades", model, x, y, mx, my, eps=0.1, step_size=0.025, steps=5,
-                          beta=6.0)
-    rec = TrainInputs(model)
-    model.train()
-    torch.manual_seed(12)
-    loss = method.step(batch, lr=0.1).loss
-    torch.manual_seed(12)
-    ref_loss, ref_adv = ref.trades_loss(ref_model, x, y, gaussian_start(x), step_size=0.025,
-                                        epsilon=0.1, perturb_steps=5, beta=6.0)
-    assert close(rec.seen[-1], ref_adv), max_diff(rec.seen[-1], ref_adv)
-    assert close(loss, ref_loss)
-    assert_same_grads(loss, model, ref_loss, ref_model)
+    step = project_step("trades", 12, eps=0.1, step_size=0.025, steps=5, beta=6.0)
+    ref_loss, ref_adv = ref.trades_loss(step.ref_model, step.x, step.y, gaussian_start(step.x),
+                                        step_size=0.025, epsilon=0.1, perturb_steps=5,
+                                        beta=6.0)
+    assert_same_step(step, ref_loss, ref_adv)
 
 
 def test_anti_adv_equals_caats_anti_adversarial_branch():
-    model, x, y, mx, my = problem()
-    ref_model = copy.deepcopy(model)
-    method, batch = build("anti_adv", model, x, y, mx, my, eps=0.1, step_size=0.025, steps=5)
-    rec = TrainInputs(model)
-    model.train()
-    torch.manual_seed(13)
-    loss = method.step(batch, lr=0.1).loss
-    torch.manual_seed(13)
+    step = project_step("anti_adv", 13, eps=0.1, step_size=0.025, steps=5)
+    x, y, ref_model = step.x, step.y, step.ref_model
     start = gaussian_start(x)
     ones = torch.ones(len(y))
     _, ref_anti = ref.caat_adv(ref_model, x, y, ones, start, start, epsilon=0.1, num_steps=5,
@@ -177,9 +186,7 @@ def test_anti_adv_equals_caats_anti_adversarial_branch():
     ce = nn.CrossEntropyLoss(reduction="none")
     ref_loss = ref.caat_loss(w, ce(ref_model(x), y), torch.zeros(len(y)),
                              ce(ref_model(ref_anti), y), ones, ones, beta=6.0)
-    assert close(rec.seen[-1], ref_anti), max_diff(rec.seen[-1], ref_anti)
-    assert close(loss, ref_loss)
-    assert_same_grads(loss, model, ref_loss, ref_model)
+    assert_same_step(step, ref_loss, ref_anti)
 
 
 # ------------------------------------------------------------------------------------ FRL
@@ -266,25 +273,26 @@ def nontrivial_multipliers() -> torch.Tensor:
     return lam
 
 
-def test_frl_step_equals_frl_train_model_batch():
+def test_frl_step_equals_frl_train_model_batch(monkeypatch):
     """fair_robust's `train_model` batch: class weights and bounds from the multipliers,
     `trades_adv` stepping max_i(eps_i) / 4, the weighted TRADES loss."""
-    model, x, y, mx, my = problem()
-    ref_model = copy.deepcopy(model)
-    method, batch = build("frl", model, x, y, mx, my, **{**FRL_KNOBS, "step_size": 0.02})
-    method.multipliers.lam = nontrivial_multipliers()
-    rec = TrainInputs(model)
-    model.train()
-    torch.manual_seed(14)
-    loss = method.step(batch, lr=0.1).loss
+    from trainables.methods.multipliers import ClassMultipliers
+
+    # The multipliers as a few epochs leave them, from the method's construction on.
+    real_init = ClassMultipliers.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.lam = nontrivial_multipliers()
+
+    monkeypatch.setattr(ClassMultipliers, "__init__", init)
+    step = project_step("frl", 14, **FRL_KNOBS)
     diff0, diff1, diff2 = ref.cost_sensitive(*nontrivial_multipliers(), scale_max=3.0)
-    torch.manual_seed(14)
     # step_size 0.02 = eps / 4: FRL's `max(new_eps) / 4` is step_size * max(scale).
-    ref_loss, ref_adv = ref.frl_train_loss(ref_model, x, y, gaussian_start(x), diff0, diff1,
-                                           diff2, epsilon=0.08, num_steps=4, beta=1.5)
-    assert close(rec.seen[-1], ref_adv), max_diff(rec.seen[-1], ref_adv)
-    assert close(loss, ref_loss)
-    assert_same_grads(loss, model, ref_loss, ref_model)
+    ref_loss, ref_adv = ref.frl_train_loss(step.ref_model, step.x, step.y,
+                                           gaussian_start(step.x), diff0, diff1, diff2,
+                                           epsilon=0.08, num_steps=4, beta=1.5)
+    assert_same_step(step, ref_loss, ref_adv)
 
 
 def test_class_weights_equal_cost_sensitive():
