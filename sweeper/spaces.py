@@ -203,6 +203,10 @@ def expand(space: SweepSpace, source: str = "space") -> list[Cell]:
     keys = {m: set(method_keys(m)) for m in space.methods}
     base = _checked(space.base, f"{source}: base", shared=True)
     _check_method_block(base, space.methods, keys, f"{source}: base")
+    for block, entries in space.search.items():  # in the file's order: its first bad line
+        for key in entries:
+            _check_search_key(key, space.methods if block == ALL_METHODS else [block], keys,
+                              f"{source}: search.{block}.{key}")
     per_method = {m: _method_entries(space, m, keys, source) for m in space.methods}
     scenarios = space.scenarios
     scenario_cfgs = [_scenario_config(base, sc, i, source, space.methods, keys)
@@ -292,8 +296,9 @@ def _check_method_block(cfg: Mapping[str, Any], methods: list[str],
             raise ConfigError(f"{where}: method.name: set per cell by `methods`; remove it")
         if not any(f"method.{knob}" in keys[m] for m in methods):
             known = sorted({k for m in methods for k in keys[m]})
+            listed = f"allowed: {', '.join(known)}" if known else "they have no knobs"
             raise ConfigError(f"{where}: method.{knob}: not a knob of any method of this "
-                              f"sweep ({', '.join(methods)}); allowed: {', '.join(known)}")
+                              f"sweep ({', '.join(methods)}); {listed}")
 
 
 def _method_entries(space: SweepSpace, method: str, keys: Mapping[str, set[str]],

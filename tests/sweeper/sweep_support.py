@@ -67,6 +67,10 @@ def tiny_space(**top) -> dict:
             space[key] = merged
         else:
             space[key] = value
+    from trainables.config import knobs_model
+
+    if not any("steps" in knobs_model(m).model_fields for m in space["methods"]):
+        space["base"].pop("method")  # a sweep of methods without an attack (ERM)
     return space
 
 

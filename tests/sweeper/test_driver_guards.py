@@ -188,10 +188,11 @@ def test_train_refuses_a_finished_run_of_another_config_unless_forced(tmp_path, 
 
 
 def _slow_space(name: str) -> dict:
-    """Trials of a few seconds each, so a second driver or a signal lands mid-sweep."""
+    """Trials of several seconds each, so a second driver or a signal lands mid-sweep (on a
+    loaded machine too: the second command itself takes seconds to start)."""
     space = tiny_space(name=name, trials_per_cell=2)
-    space["base"]["dataset"]["n_train"] = 3000
-    space["base"]["optim"]["epochs"] = 4
+    space["base"]["dataset"]["n_train"] = 6000
+    space["base"]["optim"]["epochs"] = 6
     return space
 
 

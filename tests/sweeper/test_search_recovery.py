@@ -258,8 +258,7 @@ cluster.shutdown()
 
 def test_sweep_survives_losing_a_worker_node_mid_trial(tmp_path, private_ray_env):
     space = _slow_space("nodes", epochs=6, n_train=20000, max_failures=2,
-                        asha={"enabled": False}, confirm={"seeds": []})
-    space["methods"] = ["erm"]
+                        asha={"enabled": False}, confirm={"seeds": []}, methods=["erm"])
     del space["search"]["trades"]
     path = write_space(tmp_path / "space.yaml", space)
     script = tmp_path / "cluster.py"
