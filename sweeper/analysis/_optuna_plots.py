@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sweeper.analysis._model import StudyAnalysis
-from sweeper.analysis._plots import safe_name
+from sweeper.analysis._plots import fit_title, safe_name
 from sweeper.contract import CONSTRAINTS_ATTR
 from trainables.errors import one_line
 
@@ -39,7 +39,7 @@ def _grid(n: int, width: float, height: float):
 def _save(fig: Any, path: Path, title: str, legend_rows: int = 1) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=12)
+    fit_title(fig, title)
     fig.tight_layout(rect=(0, 0.4 * legend_rows / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from sweeper.analysis._model import METHOD_ORDER, Summary, method_key, method_label
-from sweeper.analysis._summary import CLASSWISE_KINDS, describe_scenario
+from sweeper.analysis._summary import CLASSWISE_KINDS, describe_scenario, pgd_setting
 
 # The class-wise plot's panels: natural and robust (PGD) always, AutoAttack where runs ran it.
 _PANEL_TITLES = {"natural": "Natural test accuracy per class",
@@ -40,6 +41,14 @@ def _method_styles(methods: Iterable[str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
+def fit_title(fig: Any, text: str, fontsize: float = 12) -> Any:
+    """`fig.suptitle(text)`, wrapped to the figure's width: a one-panel figure is narrower
+    than most titles, and matplotlib cuts a long suptitle off at both edges."""
+    # An average glyph is about 0.55 em wide; keep a 10% margin.
+    per_line = max(20, int(0.9 * fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    return fig.suptitle(textwrap.fill(text, per_line), fontsize=fontsize)
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "scenario"
 
@@ -53,12 +62,10 @@ def _wide_means(summary: Summary) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _robust_label(summary: Summary) -> str:
-    sel = summary.selected
-    steps = sel["eval_steps"].dropna().unique() if "eval_steps" in sel else []
-    eps = sel["eval_eps"].dropna().unique() if "eval_eps" in sel else []
-    if len(steps) == 1 and len(eps) == 1:
-        return f"robust accuracy, PGD-{int(steps[0])} eps={eps[0]:.3g} (%)"
-    return "robust accuracy (%)"
+    setting = pgd_setting(summary.selected)
+    if setting is None:
+        return "robust accuracy (%)"
+    return f"robust accuracy, PGD-{setting[0]} eps={setting[1]:.3g} (%)"
 
 
 def plot_tradeoff(summary: Summary, path: Path) -> Path:
@@ -107,12 +114,17 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
         # A wide std bar must not stretch an axis past what an accuracy can be.
         ax.set_xlim(max(ax.get_xlim()[0], 0), min(ax.get_xlim()[1], 100))
         ax.set_ylim(max(ax.get_ylim()[0], 0), min(ax.get_ylim()[1], 100))
+        if not any(np.isfinite(m.get("test_natural_acc", pd.Series(dtype=float)))):
+            # Mid-sweep: the selected runs are tuning runs that skipped the test split.
+            ax.text(0.5, 0.5, "no test metrics yet\n(confirmation pending)", ha="center",
+                    va="center", transform=ax.transAxes, color="0.4")
     for ax in list(axes.flat)[len(scenarios):]:
         ax.set_visible(False)
-    fig.legend(handles.values(), handles.keys(), loc="lower center",
-               ncol=min(len(handles), 8), frameon=False)
-    fig.suptitle("Natural vs robust test accuracy (mean ± std over seeds; upper right is better)",
-                 fontsize=12)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="lower center",
+                   ncol=min(len(handles), 8), frameon=False)
+    fit_title(fig, "Natural vs robust test accuracy (mean ± std over seeds; upper right is "
+              "better)")
     # Leave half an inch at the bottom for the shared legend.
     fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
@@ -171,7 +183,7 @@ def save_scenario_figure(fig: Any, scenario: str, srow: pd.Series, what: str,
     import matplotlib.pyplot as plt
 
     desc = describe_scenario(srow)
-    fig.suptitle(f"{scenario}" + (f" ({desc})" if desc else "") + f": {what}", fontsize=12)
+    fit_title(fig, f"{scenario}" + (f" ({desc})" if desc else "") + f": {what}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -274,11 +286,12 @@ def plot_vs_factor(summary: Summary, factor: str, path: Path) -> Path | None:
         ax.set_xticks([t * scale for t in ticks], [f"{t * scale:g}" for t in ticks])
     for ax in axes[-1]:
         ax.set_xlabel(xlabel)
-    fig.legend(handles.values(), handles.keys(), loc="lower center",
-               ncol=min(len(handles), 4 if len(groups) > 1 else 7), frameon=False)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="lower center",
+                   ncol=min(len(handles), 4 if len(groups) > 1 else 7), frameon=False)
     where = "" if len(groups) > 1 else f" ({next(iter(groups))})"
-    fig.suptitle(f"Test accuracy against {xlabel.split(' (')[0]}{where}; mean ± std over seeds",
-                 fontsize=12)
+    fit_title(fig, f"Test accuracy against {xlabel.split(' (')[0]}{where}; mean ± std over "
+              "seeds")
     rows_legend = math.ceil(len(handles) / (4 if len(groups) > 1 else 7))
     fig.tight_layout(rect=(0, 0.035 * rows_legend + 0.01, 1, 1))
     fig.savefig(path, dpi=110)

@@ -15,7 +15,12 @@ from sweeper.analysis._model import (
     method_key,
     method_label,
 )
-from sweeper.analysis._summary import MASKING_TEXT, MASKING_TITLE, describe_scenario
+from sweeper.analysis._summary import (
+    MASKING_TEXT,
+    MASKING_TITLE,
+    describe_scenario,
+    robust_attack,
+)
 from sweeper.contract import AUTOATTACK_METRICS
 
 # Column headers of METRICS and AUTOATTACK_METRICS, in order.
@@ -111,7 +116,8 @@ def _caption(summary: Summary) -> str:
             "(highest accuracy; lowest class std and boundary error). † = on the scenario's "
             "natural-vs-robust Pareto front. Differences from "
             f"{method_label(summary.reference)} are in percentage points, paired by seed, "
-            "with the paired t-test's p-value.")
+            "with the paired t-test's p-value. Robust: accuracy under "
+            f"{robust_attack(summary.selected)}, in pixel space [0, 1].")
     if any(m in AUTOATTACK_METRICS for m in summary.metrics):
         text += (" AutoAttack: accuracy under AutoAttack on a fixed test subset; PGD-AA gap: "
                  "PGD's robust accuracy minus AutoAttack's on that subset (lowest in bold; "

@@ -57,6 +57,16 @@ def select_runs(runs: pd.DataFrame, metric: str, mode: str = "max") -> pd.DataFr
     return pd.concat(picked, ignore_index=True)
 
 
+def cells_without_test_metrics(selected: pd.DataFrame, metrics: Sequence[str] = METRICS,
+                               ) -> list[str]:
+    """The cells reported by a best tuning run that carries none of `metrics`: with
+    `confirm.tune_test: false`, tuning runs skip the test split, so such a cell has nothing
+    to show until its confirmation runs finish."""
+    tune = selected[selected["source"].eq("best tune")]
+    return sorted(cell for cell, runs in tune.groupby("cell")
+                  if not any(_has(runs, m) for m in metrics))
+
+
 def n_confirmed_configs(confirm: pd.DataFrame) -> int:
     """How many configs a cell's confirmation runs re-run: their distinct `tuned_by` tags
     (runs of older sweeps carry none: one config)."""
@@ -92,7 +102,7 @@ def aggregate(selected: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.Da
     rows = []
     for (scenario, method), group in selected.groupby(["scenario", "method"], sort=False):
         for metric in metrics:
-            values = pd.to_numeric(group.get(metric), errors="coerce").dropna().to_numpy(float)
+            values = numeric(group, metric).dropna().to_numpy(float)
             n = len(values)
             rows.append({
                 "scenario": scenario, "method": method, "metric": metric,
@@ -160,11 +170,19 @@ def paired_tests(selected: pd.DataFrame, reference: str = REFERENCE,
 
 def _has(runs: pd.DataFrame, metric: str) -> bool:
     """Whether some run carries a value of `metric`."""
-    return metric in runs and bool(pd.to_numeric(runs[metric], errors="coerce").notna().any())
+    return bool(numeric(runs, metric).notna().any())
+
+
+def numeric(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """`runs[metric]` as floats, NaN where a run has no value; all NaN when no run has the
+    column (mid-sweep, no selected run may carry a `test_*` metric yet)."""
+    if metric not in runs:
+        return pd.Series(np.nan, index=runs.index, dtype=float)
+    return pd.to_numeric(runs[metric], errors="coerce").astype(float)
 
 
 def _by_seed(runs: pd.DataFrame, metric: str) -> pd.Series:
-    values = pd.to_numeric(runs.get(metric), errors="coerce")
+    values = numeric(runs, metric)
     series = pd.Series(values.to_numpy(float), index=runs["seed"].to_numpy())
     # Two runs with the same seed in one cell would make the pairing ambiguous; keep the last.
     return series[~series.index.duplicated(keep="last")]

@@ -18,6 +18,7 @@ from sweeper.analysis._model import (
 from sweeper.analysis._stats import (
     aggregate,
     best_flags,
+    cells_without_test_metrics,
     coverage,
     n_confirmed_configs,
     paired_tests,
@@ -59,6 +60,21 @@ def scenario_table(runs: pd.DataFrame) -> pd.DataFrame:
     table = table.sort_values(["_rate", "_imb", "noise_type", "_eps", "scenario"],
                               na_position="first")
     return table.drop(columns=["_rate", "_imb", "_eps"]).reset_index(drop=True)
+
+
+def pgd_setting(selected: pd.DataFrame) -> tuple[int, float] | None:
+    """(steps, eps) of the PGD behind "robust" when every selected run used the same."""
+    steps = selected["eval_steps"].dropna().unique() if "eval_steps" in selected else []
+    eps = selected["eval_eps"].dropna().unique() if "eval_eps" in selected else []
+    return (int(steps[0]), float(eps[0])) if len(steps) == 1 and len(eps) == 1 else None
+
+
+def robust_attack(selected: pd.DataFrame) -> str:
+    """What "robust" means in the tables, e.g. 'PGD-20 with random start at eps 0.1'."""
+    setting = pgd_setting(selected)
+    if setting is None:
+        return "PGD with random start (steps or eps differ between runs: selected_runs.csv)"
+    return f"PGD-{setting[0]} with random start at eps {setting[1]:.3g}"
 
 
 def describe_scenario(row: pd.Series) -> str:
@@ -105,9 +121,14 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
 
     if not selected["method"].eq(reference).any():
         notes.append(f"no {method_label(reference)} runs in this sweep: paired tests skipped")
-    if selected["source"].eq("best tune").any():
+    untested = cells_without_test_metrics(selected)
+    tuned_only = set(selected.loc[selected["source"].eq("best tune"), "cell"])
+    if tuned_only - set(untested):
         notes.append("cells without confirmation runs report their best tuning run (n = 1, by "
                      f"{sweep.metric}): std and paired tests are not applicable there")
+    if untested:
+        notes.append(f"{', '.join(untested)}: tuning runs skip the test split "
+                     "(confirm.tune_test: false): confirmation pending, test metrics n/a (n = 0)")
 
     scenarios = scenario_table(selected)
     tidy = tidy.merge(scenarios, on="scenario", how="left")

@@ -319,3 +319,76 @@ def test_caat_direction_plot_only_when_the_cell_logged_something(tmp_path):
                               for e, v in ((1, 0.2), (2, 0.4))])
     assert plot_caat_directions(direction_summary(shares, classes), "bal",
                                 tmp_path / "bal.png") == tmp_path / "bal.png"
+
+
+# ------------------------------------------------------------- a sweep at each phase
+
+
+def _phase_runs(phase: str) -> pd.DataFrame:
+    """Four cells (two noise rates, two methods) of a sweep with `confirm.tune_test: false`
+    (tuning runs log no test_*), as MLflow holds them at each phase boundary."""
+    from sweeper.analysis._model import METRICS
+
+    test = {m: 0.3 + 0.1 * i for i, m in enumerate(METRICS)}
+    rows = []
+    for scenario, rate in (("u2", 0.2), ("u4", 0.4)):
+        factors = {"noise_type": "uniform", "noise_rate": rate, "imbalance_ratio": 1,
+                   "eval_steps": 10, "eval_eps": 0.1}
+        for cell in (f"{scenario}/trades", f"{scenario}/caat"):
+            running = phase == "tuning"
+            rows += [run(cell, i, "tune", None if running and i else "completed",
+                         "RUNNING" if running and i else "FINISHED", trial=f"{cell}-t{i}",
+                         val_robust_acc=0.3 + 0.1 * i, **factors) for i in range(2)]
+            n_confirmed = {"tuning": 0, "tuned": 0, "confirming": 1, "done": 2}[phase]
+            if cell.endswith("caat") and phase == "confirming":
+                n_confirmed = 0  # one method's confirmation ahead of the other's
+            rows += [run(cell, seed, val_robust_acc=0.35, **factors,
+                         **{k: v + 0.01 * seed for k, v in test.items()})
+                     for seed in range(n_confirmed)]
+    return frame(*rows)
+
+
+@pytest.mark.parametrize("phase", ["tuning", "tuned", "confirming", "done"])
+def test_a_sweep_analyses_at_every_phase_boundary(phase, tmp_path):
+    from sweeper.analysis import write_outputs
+
+    sweep = SweepRuns(name="x", experiment_id="1", runs=_phase_runs(phase),
+                      metric="val_robust_acc")
+    summary = summarize(sweep)
+    files = write_outputs(summary, tmp_path)
+    assert all(f.exists() for f in files)
+    md = (tmp_path / "summary.md").read_text()
+    # Which attack "robust" means, in the table's caption, not only on the plot's axis.
+    assert "Robust: accuracy under PGD-10 with random start at eps 0.1" in md
+    pending = [n for n in summary.notes if "confirmation pending" in n]
+    if phase in ("tuning", "tuned"):
+        # Nothing carries a test metric yet: the table is all n/a, and the note says why
+        # instead of claiming n = 1.
+        assert pending and "u2/caat" in pending[0] and "u4/trades" in pending[0]
+        assert "tuning runs skip the test split" in md
+        assert not any("(n = 1" in n for n in summary.notes)
+    elif phase == "confirming":
+        assert pending and "u4/caat" in pending[0] and "u4/trades" not in pending[0]
+        assert (tmp_path / "vs_noise_rate.png").exists()
+    else:
+        assert not pending
+        agg = summary.tidy.set_index(["scenario", "method", "metric"])
+        assert agg.at[("u4", "caat", "test_natural_acc"), "n"] == 2
+
+
+def test_a_one_panel_figure_keeps_its_whole_title():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sweeper.analysis._plots import fit_title
+
+    fig, _ = plt.subplots(1, 1, figsize=(5.2, 5.2))  # the trade-off plot of one scenario
+    title = fit_title(fig, "Natural vs robust test accuracy (mean ± std over seeds; upper "
+                      "right is better)")
+    fig.tight_layout()
+    fig.canvas.draw()
+    box = title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    plt.close(fig)
