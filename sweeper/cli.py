@@ -27,8 +27,13 @@ DRIVER_NOTES = ("One driver per sweep: a second launch or resume of a running sw
                 "(trials keep their last epoch's checkpoint, their runs are marked "
                 "interrupted) and prints the resume command; exit status 130 (SIGINT) or 143 "
                 "(SIGTERM). Exit status 0: every trial ended well; 1: the sweep ran to its "
-                "end but some trials failed (a trial whose config or plugin cannot load in "
-                "its worker fails at once, not retried); 2: bad input.")
+                "end but some trials failed or a cell got no confirmation runs (a trial "
+                "whose config, plugin or checkpoint cannot load in its worker fails at "
+                "once, not retried); 2: bad input (a trial that asks "
+                "for more CPUs or GPUs than a local Ray has included); 4: stopped because "
+                "trials waited resources.pending_timeout_s for resources with none "
+                "running (a cluster behind --address that never gave them; resume "
+                "continues). sweep.json's state: running, interrupted, failed or done.")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -76,6 +76,18 @@ def is_alive(holder: Holder) -> bool | None:
     return True
 
 
+def driver_of(storage: str, name: str) -> tuple[Holder | None, bool | None]:
+    """Who holds sweep `name`'s lock, and whether it is alive (None: on another host)."""
+    path = lock_path(storage, name)
+    try:
+        holder = Holder(**json.loads(st.read_bytes(path)))
+    except FileNotFoundError:
+        return None, False
+    except (OSError, ValueError, TypeError):
+        return None, False  # unreadable: killed mid-write
+    return holder, is_alive(holder)
+
+
 def lock_path(storage: str, name: str) -> str:
     return st.join(storage, f"{name}.lock")
 

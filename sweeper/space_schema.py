@@ -247,6 +247,13 @@ class ConfirmSpec(_Strict):
 class ResourcesSpec(_Strict):
     cpu: float = Field(default=1.0, gt=0)
     gpu: float = Field(default=0.0, ge=0)
+    # A sweep whose trials have all waited this long for resources, with none running, stops
+    # (resumably) and says why; null: wait forever (a cluster that scales up slowly).
+    pending_timeout_s: float | None = Field(default=600.0, gt=0)
+
+    def per_trial(self) -> dict[str, float]:
+        """What one trial asks of Ray: {"cpu": ..., "gpu": ...}."""
+        return {"cpu": self.cpu, "gpu": self.gpu}
 
     @field_validator("gpu")
     @classmethod

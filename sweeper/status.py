@@ -11,8 +11,10 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from sweeper import hints
 from sweeper._write_queue import pending_count
 from sweeper.contract import RUN_STATES, check_reachable, run_state, trial_runs
+from sweeper.lock import driver_of
 from sweeper.spaces import parse_space
 from sweeper.storage import Manifest
 
@@ -38,6 +40,27 @@ class SweepStatus:
     mode: str
     rows: list[CellRow]
     pending: int = 0  # MLflow writes waiting in storage for `caat-sweep sync`
+    driver: str = ""  # who runs it, or why nobody does (`driver_line`)
+    sync_command: str = "caat-sweep sync"
+
+
+def driver_line(manifest: Manifest) -> str:
+    """The driver as its lock tells it: a `running` sweep whose driver is gone (killed, or
+    its machine lost) says so, with the command that continues it."""
+    holder, alive = driver_of(manifest.storage, manifest.name)
+    resume = f"`{hints.for_sweep('resume', manifest)}` continues it"
+    if holder is not None and alive:
+        return f"driver: pid {holder.pid} on {holder.host} since {holder.since}"
+    if holder is not None and alive is None:
+        return (f"driver: pid {holder.pid} on {holder.host} since {holder.since} (another "
+                "host: cannot tell from here whether it is alive)")
+    if manifest.state == "done":
+        return ""
+    if manifest.state != "running":
+        return f"driver: none ({manifest.state}); {resume}"
+    gone = f" (pid {holder.pid} on {holder.host} is gone)" if holder is not None else ""
+    return (f"driver: none{gone}: it died before recording how the sweep ended (killed, or "
+            f"its machine lost); {resume}")
 
 
 def sweep_status(manifest: Manifest) -> SweepStatus:
@@ -57,13 +80,20 @@ def sweep_status(manifest: Manifest) -> SweepStatus:
         value = run.data.metrics.get(metric)
         if tags.get("outcome") == "completed" and value is not None and not math.isnan(value):
             row.values.append(value)
-    return SweepStatus(manifest.name, manifest.state, manifest.sweep_dir,
+    holder, alive = driver_of(manifest.storage, manifest.name)
+    state = manifest.state
+    if state == "running" and not (holder is not None and alive is not False):
+        state = "stopped"  # sweep.json says running, but no live driver holds it
+    return SweepStatus(manifest.name, state, manifest.sweep_dir,
                        manifest.tracking_uri, metric, mode, list(rows.values()),
-                       pending=pending_count(manifest.sweep_dir, manifest.name))
+                       pending=pending_count(manifest.sweep_dir, manifest.name),
+                       driver=driver_line(manifest),
+                       sync_command=hints.for_sweep("sync", manifest))
 
 
 def format_status(s: SweepStatus) -> str:
     head = [f"sweep {s.name}: {s.state}   storage {s.storage}   tracking {s.tracking_uri}",
+            *([s.driver] if s.driver else []),
             f"selection: {s.metric} ({s.mode}); tune: best so far; confirm: mean ± std"]
     width = max([len(r.cell) for r in s.rows] + [4])
     cols = f"{'cell':<{width}}  {'phase':<7}" + "".join(f" {c:>11}" for c in COUNTS)
@@ -73,7 +103,7 @@ def format_status(s: SweepStatus) -> str:
         lines.append(f"{r.cell:<{width}}  {r.phase:<7}{counts}  {_value(r, s.mode)}")
     if s.pending:
         lines += ["", f"tracking: {s.pending} MLflow writes (a tracking-server outage) are not "
-                      f"in the table yet; `caat-sweep sync {s.name}` sends them"]
+                      f"in the table yet; `{s.sync_command}` sends them"]
     return "\n".join(lines)
 
 

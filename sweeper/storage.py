@@ -103,7 +103,10 @@ class Manifest:
     address: str | None = None
     experiment_id: str | None = None
     parent_run_id: str | None = None
-    state: str = "running"  # running | done
+    # running: a driver runs it (or died without a word: `status` checks its lock);
+    # interrupted: stopped by Ctrl-C, SIGTERM or stalled trials; failed: its driver ended on
+    # an error; done: complete. All but done are continued by `caat-sweep resume`.
+    state: str = "running"
     # Where the cells' Optuna studies live (an RDB URL; study name = cell id).
     optuna_storage: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)

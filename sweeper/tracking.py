@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from sweeper import _write_queue as wq
-from sweeper import contract
+from sweeper import contract, hints
 from sweeper import storage as st
 from sweeper._write_queue import pending_path
 from sweeper.contract import (
@@ -375,8 +375,8 @@ def send_pending(tracker: Tracker, manifest: st.Manifest) -> None:
     sent, left = sync_pending(tracker, path)
     if left:
         raise ConfigError(f"tracking: {left} MLflow writes of an earlier session could not be "
-                          f"sent to {tracker.tracking_uri}; try `caat-sweep sync "
-                          f"{manifest.name}` when it answers")
+                          f"sent to {tracker.tracking_uri}; try "
+                          f"`{hints.for_sweep('sync', manifest)}` when it answers")
     print(f"tracking: sent the {sent} MLflow writes an earlier session had left",
           file=sys.stderr)
 

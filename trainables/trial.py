@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -32,7 +33,7 @@ from trainables import methods, models
 from trainables.autoattack import evaluate_autoattack
 from trainables.config import TrialConfig, validate
 from trainables.diagnostics import EpochSamples, direction_diagnostics
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, one_line
 from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 from trainables.metrics import evaluate
 from trainables.problem import Problem, build_problem, resolve_device
@@ -230,6 +231,29 @@ def load_state(directory: Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def restore_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  method: Any) -> dict[str, Any]:
+    """Load a trial's checkpoint into its model, optimiser, method and RNGs.
+
+    A checkpoint of another format (another model, method or version of this code) fails
+    the same way on every retry: a ConfigError naming it, so a sweep fails the trial at
+    once instead of retrying it max_failures times."""
+    try:
+        state = load_state(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        if missing := {"epoch", "history"} - state.keys():
+            raise KeyError(", ".join(sorted(missing)))
+    except (KeyError, TypeError, ValueError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as err:
+        raise ConfigError(f"checkpoint {Path(directory) / CHECKPOINT_FILE}: not a checkpoint "
+                          f"of this trial ({type(err).__name__}: {one_line(err, 160)}); start "
+                          "the trial afresh (train: a new --out, or --force)") from None
+    return state
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -265,11 +289,7 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     # how a method's per-class choices evolve; the last epoch's lists are reported as such.
     by_epoch: dict[str, list[list[float]]] = {}
     if resume_dir is not None:
-        state = load_state(resume_dir)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        set_rng_state(state["rng"])
+        state = restore_state(resume_dir, model, optimizer, method)
         start_epoch, history = state["epoch"], list(state["history"])
         by_epoch = {k: list(v) for k, v in state.get("by_epoch", {}).items()}
         final = state.get("final_metrics")

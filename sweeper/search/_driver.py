@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sweeper import hints, tracking
 from sweeper import storage as st
-from sweeper import tracking
 from sweeper.contract import (
     OBJECTIVES_TAG,
     OPTUNA_STORAGE_TAG,
@@ -18,8 +18,10 @@ from sweeper.contract import (
 )
 from sweeper.lock import SweepLock
 from sweeper.restore import quiet_deleted_checkpoints, resilient
+from sweeper.search import _resources
 from sweeper.search._faults import FAULT_ENV, FailRule, parse_fault_rules
 from sweeper.search._inputs import SWEEP_KEY, SharedSplits, load_datasets, prepare_warm_starts
+from sweeper.search._resources import EXIT_STALLED, StallWatch, check_resources, stalled, warn
 from sweeper.search._scheduler import CellScheduler
 from sweeper.search._searcher import CellSearcher
 from sweeper.search._state import load_search_state
@@ -29,7 +31,8 @@ from sweeper.spaces import SweepPlan, parse_space
 from sweeper.tracking import Tracker, TrackingCallback
 from trainables.errors import ConfigError, one_line
 
-# The sweep ran to its end, but some of its trials failed (their `error` tags say why).
+# The sweep ran to its end, but some of its trials failed (their `error` tags say why), or a
+# cell got no confirmation runs.
 EXIT_TRIALS_FAILED = 1
 
 
@@ -83,6 +86,15 @@ def launch(space_path: str, *, name: str | None = None, storage: str | None = No
                        studies_url)
 
 
+def check_cluster(plan: SweepPlan, address: str | None) -> None:
+    """A trial the running Ray can never fit: refused on a local cluster (it cannot grow),
+    a warning behind --address (an autoscaler may add the nodes)."""
+    import ray
+
+    warn(check_resources(plan.space.resources.per_trial(), ray.cluster_resources(),
+                         local=not address))
+
+
 def check_size(plan: SweepPlan) -> None:
     """Refuse a space whose trials could not finish in any sane time (a typo, usually)."""
     n, limit = plan.n_trials(), plan.space.max_trials
@@ -98,15 +110,18 @@ def _launch(plan: SweepPlan, storage: str, tracking_uri: str, address: str | Non
             studies_url: str) -> int:
     if st.sweep_exists(storage, plan.name):
         raise ConfigError(f"--name: a sweep {plan.name!r} exists in {storage}; continue it "
-                          f"with `caat-sweep resume {plan.name}` or choose another --name")
+                          f"with `{hints.command('resume', plan.name, storage=storage)}` or "
+                          "choose another --name")
     datasets = load_datasets(plan)  # missing data fails here
+    # Ray first: a trial no node can fit is refused before MLflow or Optuna see the sweep.
+    _init_ray(address, options)
+    check_cluster(plan, address)
     tracker = Tracker(tracking_uri, plan.name)
     tracker.check_reachable()
     if tracker.has_runs():
         raise ConfigError(f"--name: MLflow experiment 'caat-sweep/{plan.name}' at "
                           f"{tracking_uri} already has runs; choose another --name")
     check_study_storage(studies_url, plan)
-    _init_ray(address, options)
     st.check_shared(storage)
     parent = _start_parent(tracker, plan, studies_url)
     manifest = st.Manifest(name=plan.name, storage=storage, tracking_uri=tracking_uri,
@@ -160,7 +175,7 @@ def resume(name: str, *, storage: str | None = None, address: str | None = None,
 def _resume(manifest: st.Manifest, address: str | None, options: SweepOptions,
             stop: StopSignals) -> int:
     if manifest.state == "done":
-        print(f"sweep {manifest.name} is complete; `caat-sweep status {manifest.name}` "
+        print(f"sweep {manifest.name} is complete; `{hints.for_sweep('status', manifest)}` "
               "shows it", file=sys.stderr)
         return 0
     plan = parse_space(_yaml(manifest.space_text), text=manifest.space_text,
@@ -170,11 +185,13 @@ def _resume(manifest: st.Manifest, address: str | None, options: SweepOptions,
     load_search_state(manifest.sweep_dir, [c.id for c in plan.cells])
     faults = parse_fault_rules(os.environ.get(FAULT_ENV))
     datasets = load_datasets(plan)
+    _init_ray(address or manifest.address, options)
+    check_cluster(plan, address or manifest.address)
     tracker = Tracker(manifest.tracking_uri, plan.name)
     tracker.check_reachable()
-    _init_ray(address or manifest.address, options)
     st.check_shared(manifest.storage)
     manifest.parent_run_id = _start_parent(tracker, plan, manifest.studies_url)
+    manifest.state = "running"
     manifest.save()
     return _run(plan, manifest, tracker, datasets, faults, options, stop, restore=True)
 
@@ -205,13 +222,15 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
+    _resources.reset()
     warm = prepare_warm_starts(plan, datasets, manifest.sweep_dir)
     res = plan.space.resources
     trainable = tune.with_resources(resilient(wrap_function(
         tune.with_parameters(sweep_trial, datasets=datasets, warm_starts=warm, faults=faults)),
         epochs_of=lambda config: config[SWEEP_KEY]["epochs"]),
-        {"cpu": res.cpu, "gpu": res.gpu})
+        res.per_trial())
     quiet_deleted_checkpoints()
+    hints.quiet_ray_resume_hint()
     # Ray's legacy output engine is the one that shows a CLIReporter's live table.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Short epochs make Ray snapshot the experiment often (wanted: less to redo after a
@@ -225,8 +244,10 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     stop.install()  # ray.init replaced it
     try:
         grid = tuner.fit()
-    except BaseException:
+    except BaseException as err:
         _end_parent(manifest, tracker, "KILLED")
+        manifest.state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        manifest.save()
         raise
     return _finish(plan, manifest, tracker, grid, stop)
 
@@ -254,7 +275,9 @@ def _new_tuner(plan: SweepPlan, manifest: st.Manifest, trainable, options: Sweep
                                     trial_name_creator=trial_name,
                                     trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=manifest.storage, callbacks=[callback],
+            name=plan.name, storage_path=manifest.storage,
+            callbacks=[callback, StallWatch(plan.space.resources.pending_timeout_s,
+                                            plan.space.resources.per_trial())],
             failure_config=tune.FailureConfig(max_failures=plan.space.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.space.keep_checkpoints),
             progress_reporter=reporter, verbose=options.verbose))
@@ -272,19 +295,29 @@ def _finish(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker, grid,
     failed = sum(r.error is not None or UNRETRYABLE_KEY in (r.metrics or {}) for r in grid)
     if not searcher.complete():
         _end_parent(manifest, tracker, "KILLED")
+        manifest.state = "interrupted"
+        manifest.save()
+        if reason := stalled():
+            print(f"sweep {plan.name} stopped: {reason}; "
+                  f"`{hints.for_sweep('resume', manifest)}` continues it", file=sys.stderr)
+            return EXIT_STALLED
         print(f"sweep {plan.name} interrupted ({len(grid)} trials so far); "
-              f"`caat-sweep resume {plan.name}` continues it", file=sys.stderr)
+              f"`{hints.for_sweep('resume', manifest)}` continues it", file=sys.stderr)
         return stop.exit_code
     manifest.state = "done"
     manifest.save()
     _end_parent(manifest, tracker, "FINISHED")
-    for cell in searcher.confirm_skipped():
+    skipped = searcher.confirm_skipped()
+    for cell in skipped:
         print(f"warning: cell {cell}: no tuning trial completed"
               + (" within selection.constraints" if plan.space.selection.constraints else "")
               + ", so no confirmation runs", file=sys.stderr)
-    print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed; `caat-sweep status "
-          f"{plan.name}` for the table, MLflow at {manifest.tracking_uri}", file=sys.stderr)
-    return EXIT_TRIALS_FAILED if failed else 0
+    print(f"sweep {plan.name}: {len(grid)} trials, {failed} failed"
+          + (f", {len(skipped)} cells without confirmation runs" if skipped else "") + "; "
+          f"`{hints.for_sweep('status', manifest)}` for the table, "
+          f"`{hints.for_sweep('analyze', manifest)}` for the summary, MLflow at "
+          f"{manifest.tracking_uri}", file=sys.stderr)
+    return EXIT_TRIALS_FAILED if failed or skipped else 0
 
 
 def _end_parent(manifest: st.Manifest, tracker: Tracker, status: str) -> None:
@@ -292,5 +325,5 @@ def _end_parent(manifest: st.Manifest, tracker: Tracker, status: str) -> None:
     left = tracking.end_sweep_run(tracker, manifest.parent_run_id, status,
                                   tracking.pending_path(manifest.sweep_dir))
     if left:
-        print(f"tracking: {left} MLflow writes await `caat-sweep sync {manifest.name}` (the "
+        print(f"tracking: {left} MLflow writes await `{hints.for_sweep('sync', manifest)}` (the "
               f"tracking server at {manifest.tracking_uri} did not answer)", file=sys.stderr)

@@ -19,7 +19,8 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
     """The Ray Tune trainable: one trial of the sweep through `run_trial`.
 
     A `ConfigError` (a config the worker cannot load, a plugin that does not import there,
-    missing data) fails the same way on every retry: the trial reports it under
+    missing data, a checkpoint of another format) or an ImportError (a package the worker's
+    environment lacks) fails the same way on every retry: the trial reports it under
     `UNRETRYABLE_KEY` and ends, once, instead of raising into Ray's retries."""
     from ray import tune
 
@@ -28,8 +29,9 @@ def sweep_trial(config: dict, *, datasets: Mapping[str, SharedSplits],
     entry = config[SWEEP_KEY]
     try:
         run_sweep_trial(config, entry, datasets, warm_starts, faults)
-    except ConfigError as err:
-        line = one_line(err)
+    except (ConfigError, ImportError) as err:
+        kind = "" if isinstance(err, ConfigError) else f"{type(err).__name__}: "
+        line = kind + one_line(err)
         logger.error("trial of cell %s failed (not retried: it cannot pass): %s",
                      entry.get("cell"), line)
         tune.report({UNRETRYABLE_KEY: line})
