@@ -15,9 +15,12 @@ a private module, since optuna_dashboard has no `__main__`.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -55,7 +58,55 @@ def run_mlflow_ui(tracking_uri: str, port: int) -> int:
            "--host", LOOPBACK, "--port", str(port)]
     print(f"MLflow UI for {tracking_uri} on http://{LOOPBACK}:{port} (Ctrl-C stops it)",
           file=sys.stderr)
-    return subprocess.call(cmd)
+    return run_process_group(cmd, "MLflow UI")
+
+
+def run_process_group(cmd: list[str], what: str, grace_s: float = 10.0) -> int:
+    """Run `cmd` in a process group of its own until it exits; its exit status.
+
+    `mlflow ui` forks uvicorn, which forks workers and job runners. Killed by pid (`kill`,
+    a batch system, nohup's parent), a plain child would be left serving the port, its
+    workers orphaned. So SIGTERM and SIGINT to this process stop the whole group: SIGTERM,
+    then SIGKILL for whatever is left after `grace_s`."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop_group(proc.pid, grace_s)
+    if stopped:
+        print(f"{what} stopped", file=sys.stderr)
+        return 0
+    return rc
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to process group `pgid`; False when none of it is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int, grace_s: float) -> None:
+    """SIGTERM the group, wait up to `grace_s` for all of it to exit, SIGKILL the rest."""
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not _signal_group(pgid, 0):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------ optuna-dashboard

@@ -5,6 +5,7 @@ SIGTERM stopping a sweep cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,9 +20,11 @@ import pytest
 import yaml
 from sweep_support import (
     CLI,
+    free_port,
     kill_session,
     session_pids,
     tiny_space,
+    wait_http,
     write_space,
 )
 from trial_support import tiny_config
@@ -161,6 +164,62 @@ def test_ui_on_a_busy_port_exits_2_with_one_line(tmp_path, capsys):
     assert f"--port: 127.0.0.1:{port} is not free" in _one_line_error(capsys)
     assert main(["ui", "--port", "70000"]) == 2
     assert "--port: 70000 is not a port number" in _one_line_error(capsys)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is dead: reaping it is its new parent's business)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ui_killed_by_pid_stops_its_whole_server(tmp_path, sig):
+    port = free_port()
+    ui = subprocess.Popen([*CLI, "ui", "--port", str(port), "--tracking-uri",
+                           f"sqlite:///{tmp_path / 'm.db'}"], cwd=tmp_path,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server: list[int] = []
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        server = _descendants(ui.pid)  # mlflow ui, uvicorn, its workers and job runners
+        assert len(server) >= 2
+        os.kill(ui.pid, sig)  # as `kill PID`, nohup's parent or a batch system does
+        _, err = ui.communicate(timeout=60)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        for pid in server:  # never leave a server behind, whatever failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert ui.returncode == 0, err
+    assert "MLflow UI stopped" in err
+    assert not [pid for pid in server if _alive(pid)], "server processes left behind"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free again
 
 
 # -------------------------------------------------------------------------- train --out
