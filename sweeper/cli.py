@@ -183,18 +183,38 @@ def log_to_parent_run(name: str, uri: str, files: list[Path]) -> None:
 # ------------------------------------------------------------------------------ parser
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), and torch's."""
+    from importlib import metadata
+
+    try:
+        mine = metadata.version("caat-sweeper")
+    except metadata.PackageNotFoundError:
+        mine = "unknown (not installed: pip install -e .)"
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "missing"
+    return f"{mine} (torch {torch})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caat-sweep",
         description="CAAT and its baselines: single trials, Ray Tune sweeps, MLflow tracking "
                     "and trade-off analysis.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="run one trial without Ray",
                        description="Run one trial without Ray. Writes OUT/metrics.json (final "
                                    "test metrics, class-wise lists, resolved config) and "
                                    "OUT/model.pt. An interrupted run resumes from "
-                                   "OUT/checkpoint when started again with the same config.")
+                                   "OUT/checkpoint when started again with the same config. "
+                                   "Exit status 2, with one line naming the field, on a bad "
+                                   "config or override, before anything is written; 130 "
+                                   "after Ctrl-C (run it again to resume).")
     p.add_argument("config", nargs="?", default=None,
                    help="trial config YAML (omit for the defaults: Fashion-MNIST)")
     p.add_argument("--out", required=True, help="output directory")
@@ -248,9 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("status", help="trials per cell and the best so far",
-                       description="Per cell and phase: trials completed, running, pruned "
-                                   "and failed, and the best selection metric so far; and "
-                                   "how many MLflow writes await `caat-sweep sync`, if any.")
+                       description="Per cell and phase: trials completed, running, pruned, "
+                                   "failed and interrupted, and the best selection metric so "
+                                   "far; the sweep's state (running, interrupted, failed, "
+                                   "done, or stopped: sweep.json says running but no live "
+                                   "driver holds its lock) and its driver; and how many "
+                                   "MLflow writes await `caat-sweep sync`, if any. Exit "
+                                   "status 2: no such sweep, or its tracking store does not "
+                                   "answer.")
     p.add_argument("name", help="sweep name")
     _storage_arg(p)
     p.set_defaults(func=cmd_status)
@@ -285,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tuning run. The files written are also logged as "
                                    "artifacts analysis/ of the sweep's parent run (a re-run "
                                    "replaces those of the same name; if that upload fails, a "
-                                   "warning, and the files in OUT are still complete). Exit "
-                                   "status 3: nothing has finished yet.")
+                                   "warning, and the files in OUT are still complete). A "
+                                   "sweep still running is analysed as far as it has got. "
+                                   "Exit status 2: bad input (no such sweep or store, OUT "
+                                   "not a directory); 3: nothing has finished yet.")
     p.add_argument("name", help="sweep name (MLflow experiment caat-sweep/NAME)")
     p.add_argument("--out", required=True, help="output directory")
     _tracking_arg(p)

@@ -109,6 +109,18 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len(SQLITE):]) if tracking_uri.startswith(SQLITE) else None
 
 
+def artifact_location(tracking_uri: str, sweep: str) -> str | None:
+    """Where a new sweep experiment keeps its runs' artifacts: beside a SQLite store, in
+    `<store>-artifacts/<sweep>/` (`mlflow.db` -> `mlflow-artifacts/`). MLflow's own default
+    there is `./mlruns` of whatever directory the driver started in, so the same sweep's
+    artifacts would scatter with the shell's cwd. None for a tracking server: it decides
+    (its --artifacts-destination or --default-artifact-root)."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    return (db.parent / f"{db.stem}-artifacts" / sweep).as_uri()
+
+
 def store_exists(tracking_uri: str) -> bool:
     """False for a SQLite file not created yet (opening it would create it)."""
     path = sqlite_path(tracking_uri)

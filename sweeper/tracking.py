@@ -124,7 +124,9 @@ class Tracker:
                 self._experiment_id = exp.experiment_id
             elif create:
                 self._experiment_id = self.client.create_experiment(
-                    experiment_name(self.sweep), tags={"sweep": self.sweep})
+                    experiment_name(self.sweep), tags={"sweep": self.sweep},
+                    artifact_location=contract.artifact_location(self.tracking_uri,
+                                                                 self.sweep))
         return self._experiment_id
 
     def has_runs(self) -> bool:

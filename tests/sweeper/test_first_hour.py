@@ -138,6 +138,9 @@ def test_printed_hints_carry_their_options_and_work_when_pasted(ray_local, tmp_p
     for command in printed:
         assert main(shlex.split(command)[1:]) == 0, command
     assert (tmp_path / "here" / "runs" / "analysis" / "tiny" / "summary.md").is_file()
+    # Artifacts beside the SQLite store, never in ./mlruns of wherever the driver ran.
+    assert not (tmp_path / "here" / "mlruns").exists()
+    assert list((tmp_path / "db" / "mlflow-artifacts" / "tiny").rglob("classwise.json"))
 
     # A driver that died without a word (SIGKILL, a lost machine): sweep.json still says
     # running and its lock names a process that is gone. status tells it from a live one.
@@ -191,3 +194,29 @@ def test_hint_options_only_where_they_differ_from_the_defaults(tmp_path, monkeyp
     assert hints.command("analyze", "s", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db") == \
         "caat-sweep analyze s --out runs/analysis/s"
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+# ------------------------------------------------------------------- --help, --version
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal width
+
+
+def test_help_tells_the_truth_about_columns_and_exit_statuses(capsys):
+    assert "pruned, failed and interrupted" in _help(capsys, "status")
+    assert "Exit status 2: bad input" in _help(capsys, "analyze")
+    assert "Exit status 2, with one line naming the field, on a bad config" in \
+        _help(capsys, "train")
+    launch = _help(capsys, "launch")
+    assert "4: stopped because trials waited resources.pending_timeout_s" in launch
+    assert "or a cell got no confirmation runs" in launch
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    from importlib import metadata
+
+    assert capsys.readouterr().out.startswith(f"caat-sweep {metadata.version('caat-sweeper')} ")
