@@ -39,7 +39,8 @@ runs (see `sweeper.search`). The format, with every key and its default::
                                  # {autoattack: fast, autoattack_samples: 300}: AutoAttack
                                  # (none | fast | standard) on a test subset after the last
                                  # epoch; tuning trials select on PGD and never run it
-    resources: {cpu: 1, gpu: 0}  # per trial; fractional GPUs allowed
+    resources: {cpu: 1, gpu: 0, pending_timeout_s: 600}  # per trial; fractional GPUs allowed;
+                                 # a local Ray that cannot fit one refuses the launch
     max_concurrent: null         # cap on concurrent trials (null: as resources allow)
     max_failures: 2              # retries of a failing trial, each from its last checkpoint
     keep_checkpoints: 2          # per trial, the newest (null: all; see below)
