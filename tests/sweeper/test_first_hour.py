@@ -220,3 +220,31 @@ def test_help_tells_the_truth_about_columns_and_exit_statuses(capsys):
     from importlib import metadata
 
     assert capsys.readouterr().out.startswith(f"caat-sweep {metadata.version('caat-sweeper')} ")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ConfigError("model.arch: 'resnet99' unknown"), "model.arch: 'resnet99' unknown"),
+    (ModuleNotFoundError("No module named 'timm'"),
+     "ModuleNotFoundError: No module named 'timm'"),
+])
+def test_deterministic_worker_errors_end_their_trial_once(monkeypatch, error, expected):
+    from ray import tune
+
+    from sweeper.contract import UNRETRYABLE_KEY
+    from sweeper.search import _trainable
+    from sweeper.search._inputs import SWEEP_KEY
+
+    def fails(*args):
+        raise error
+
+    reported = []
+    monkeypatch.setattr(_trainable, "run_sweep_trial", fails)
+    monkeypatch.setattr(tune, "report", reported.append)
+    _trainable.sweep_trial({SWEEP_KEY: {"cell": "c"}}, datasets={}, warm_starts={}, faults=[])
+    assert reported == [{UNRETRYABLE_KEY: expected}]
+    # Anything else may be transient: it goes to Ray, which retries from the checkpoint.
+    monkeypatch.setattr(_trainable, "run_sweep_trial",
+                        lambda *a: (_ for _ in ()).throw(OSError("NFS hiccup")))
+    with pytest.raises(OSError):
+        _trainable.sweep_trial({SWEEP_KEY: {"cell": "c"}}, datasets={}, warm_starts={},
+                               faults=[])
