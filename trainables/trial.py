@@ -167,7 +167,9 @@ def method_data(problem: Problem, device: torch.device,
     counts = torch.bincount(problem.train_y, minlength=problem.num_classes)
     return methods.MethodData(num_classes=problem.num_classes, train_labels=problem.train_y,
                               class_counts=counts, meta_x=problem.meta_x,
-                              meta_y=problem.meta_y, device=device, optimizer=optimizer)
+                              meta_y=problem.meta_y, device=device, optimizer=optimizer,
+                              train_x=problem.train_x, val_x=problem.val_x,
+                              val_y=problem.val_y)
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -24,5 +24,6 @@ def build_method(name: str, *, num_classes: int, n: int, side: int, meta_per_cla
     meta_y = torch.arange(meta_per_class * num_classes) % num_classes
     data = MethodData(num_classes=num_classes, train_labels=y,
                       class_counts=torch.bincount(y, minlength=num_classes),
-                      meta_x=torch.rand(len(meta_y), *shape), meta_y=meta_y, device=x.device)
+                      meta_x=torch.rand(len(meta_y), *shape), meta_y=meta_y, device=x.device,
+                      train_x=x, val_x=torch.rand(len(meta_y), *shape), val_y=meta_y.clone())
     return model, methods.build(name, model, cfg, data), Batch(x=x, y=y, idx=torch.arange(n))

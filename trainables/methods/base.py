@@ -57,6 +57,14 @@ class MethodData:
     # The model's optimiser, to read (never to step): a look-ahead step takes its momentum
     # buffers and hyper-parameters (CAAT's virtual step). None outside a trial.
     optimizer: torch.optim.Optimizer | None = None
+    # The training images (N, C, H, W) in [0, 1], in the order of train_labels, for a
+    # method that probes a fixed subset of them (catastrophic overfitting) or scores them
+    # all at an epoch; and the validation split (clean labels, class-balanced) for a method
+    # whose choices read validation (class weights, weight averaging). Never the test split.
+    # None outside a trial.
+    train_x: torch.Tensor | None = None
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def class_prior(self) -> torch.Tensor:
