@@ -18,10 +18,16 @@ from sweeper.contract import (
 )
 from sweeper.lock import SweepLock
 from sweeper.restore import quiet_deleted_checkpoints, resilient
-from sweeper.search import _resources
 from sweeper.search._faults import FAULT_ENV, FailRule, parse_fault_rules
 from sweeper.search._inputs import SWEEP_KEY, SharedSplits, load_datasets, prepare_warm_starts
-from sweeper.search._resources import EXIT_STALLED, StallWatch, check_resources, stalled, warn
+from sweeper.search._resources import (
+    EXIT_STALLED,
+    StallWatch,
+    check_resources,
+    stalled,
+    warn,
+)
+from sweeper.search._resources import reset as reset_stall
 from sweeper.search._scheduler import CellScheduler
 from sweeper.search._searcher import CellSearcher
 from sweeper.search._state import load_search_state
@@ -222,7 +228,7 @@ def _run(plan: SweepPlan, manifest: st.Manifest, tracker: Tracker,
     from ray import tune
     from ray.tune.trainable.function_trainable import wrap_function
 
-    _resources.reset()
+    reset_stall()
     warm = prepare_warm_starts(plan, datasets, manifest.sweep_dir)
     res = plan.space.resources
     trainable = tune.with_resources(resilient(wrap_function(

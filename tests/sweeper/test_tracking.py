@@ -76,7 +76,10 @@ def test_every_command_reads_mlflow_tracking_uri_unless_given_the_flag(tmp_path,
                  "sqlite:///flag.db"]) == 2
     assert f"no MLflow store at {tmp_path / 'flag.db'}" in capsys.readouterr().err
     started = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    from sweeper import servers
+
+    monkeypatch.setattr(servers, "run_process_group",
+                        lambda cmd, what: started.append(cmd) or 0)
     assert main(["ui"]) == 0 and dead in started[-1]
     assert main(["ui", "--tracking-uri", "sqlite:///flag.db"]) == 0
     assert f"sqlite:///{tmp_path / 'flag.db'}" in started[-1]
