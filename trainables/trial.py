@@ -303,9 +303,12 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     for epoch in range(start_epoch, cfg.optim.epochs):
         train_stats = train_epoch(cfg, model, optimizer, method, problem, epoch, n_batches,
                                   device, progress)
-        metrics = {"epoch": epoch + 1, **train_stats, **method.epoch_end(epoch)}
-        for key in CLASSWISE_DIAGNOSTICS:
-            if key in metrics:
+        extra = method.epoch_end(epoch)
+        metrics = {"epoch": epoch + 1, **train_stats, **extra}
+        # Every class-wise list a method reports (CAAT's directions, a method's class
+        # weights or bounds) keeps its history, for plots of how its choices evolve.
+        for key in dict.fromkeys([*CLASSWISE_DIAGNOSTICS, *extra]):
+            if isinstance(metrics.get(key), list):
                 by_epoch.setdefault(key, []).append(metrics[key])
         metrics.update({f"{k}_by_epoch": v for k, v in by_epoch.items()})
         last = epoch + 1 == cfg.optim.epochs
