@@ -44,6 +44,15 @@ FLOOR_PASSES = {
     "trades": lambda k: k + 2,
     "frl": lambda k: k + 2,
     "caat": lambda k: k + 2,
+    "fgsm_rs": lambda k: 2,  # one attack step whatever K
+    "n_fgsm": lambda k: 2,
+    "at_bsl": lambda k: k + 1,
+    "te": lambda k: k + 1,  # with its default PGD-AT base
+    "cfa": lambda k: k + 2,
+    "wat": lambda k: k + 2,
+    "faal": lambda k: k + 1,  # its AT fine-tune (and PGD-AT before it)
+    "dafa": lambda k: k + 2,  # TRADES at class-scaled bounds
+    "bat": lambda k: 3,  # two early-stopped attacks: at least one step each, then training
 }
 
 

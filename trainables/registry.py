@@ -174,4 +174,13 @@ METHODS: Registry[type[Method]] = Registry(
     "mwn": "trainables.methods.mwn:MWN",
     "anti_adv": "trainables.methods.anti_adv:AntiAdv",
     "caat": "trainables.methods.caat:CAAT",
+    "faal": "trainables.methods.faal:FAAL",
+    "cfa": "trainables.methods.cfa:CFA",
+    "wat": "trainables.methods.wat:WAT",
+    "dafa": "trainables.methods.dafa:DAFA",
+    "bat": "trainables.methods.bat:BAT",
+    "fgsm_rs": "trainables.methods.fgsm_rs:FGSMRS",
+    "n_fgsm": "trainables.methods.n_fgsm:NFGSM",
+    "at_bsl": "trainables.methods.at_bsl:ATBSL",
+    "te": "trainables.methods.te:TE",
 })
