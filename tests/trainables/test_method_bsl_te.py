@@ -25,6 +25,7 @@ import reference_bsl_te as ref
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from resume_support import Interrupt, StopAfter
 from torch import nn
 from trial_support import tiny_config
 
@@ -255,23 +256,6 @@ def test_te_knobs_and_state_checks(float64):
 
 
 # -------------------------------------------------------------------------- resume
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    """Crashes the trial after epoch ``n``'s checkpoint, like a killed process."""
-
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
 
 
 def without_timing(metrics: dict) -> dict:

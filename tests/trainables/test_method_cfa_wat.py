@@ -25,6 +25,7 @@ import pytest
 import reference_cfa_wat as ref
 import torch
 import torch.nn.functional as F
+from resume_support import Interrupt, StopAfter, flat_tensors
 from torch import nn
 from trial_support import tiny_config
 
@@ -279,27 +280,6 @@ def test_wat_step_equals_the_code_s_weighted_trades_loss(float64):
 # -------------------------------------------------------------------------------- resume
 
 
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
-
-
-def flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k2: v2 for k, v in tree.items() for k2, v2 in flat(v, f"{prefix}{k}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
 # CFA: the gate always open and every epoch a candidate, so the average, the best one and
 # the class accuracies behind the calibrated bounds (from epoch 1) all cross the
 # interruption; WAT: the cumulative losses and the weights.
@@ -324,8 +304,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, name, knobs,
     assert same(resumed.history) == same(straight.history)
     for key in ("train_loss", "val_robust_acc", "val_worst_class_robust_acc", *lists):
         assert resumed.metrics[key] == straight.metrics[key], key
-    a = flat(load_state(tmp_path / "a" / "checkpoint")["method"])
-    b = flat(load_state(tmp_path / "b" / "checkpoint")["method"])
+    a = flat_tensors(load_state(tmp_path / "a" / "checkpoint")["method"])
+    b = flat_tensors(load_state(tmp_path / "b" / "checkpoint")["method"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k

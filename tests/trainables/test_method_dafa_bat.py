@@ -14,6 +14,7 @@ import pytest
 import reference_dafa_bat as ref
 import torch
 import torch.nn.functional as F
+from resume_support import Interrupt, StopAfter, flat_tensors
 from torch import nn
 from trial_support import tiny_config
 
@@ -277,30 +278,6 @@ def test_bat_without_uniform_terms_or_attack_steps_is_trades_at_the_clean_point(
 # ------------------------------------------------------------------------------ resume
 
 
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
-
-
 # DAFA: weight_epoch(1/3, 3) = 1, so the weights are set in the first epoch, go into its
 # checkpoint, and the resumed epochs 2 and 3 must train with them. Slow: six epochs in all
 # (about 10 s per 3-epoch trial on one free core, minutes on a loaded 2-core CPU).
@@ -321,8 +298,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, fmnist_small, method):
     for a, b in zip(resumed.history, straight.history, strict=True):  # timings aside
         assert ({k: v for k, v in a.items() if k != "train_samples_per_s"}
                 == {k: v for k, v in b.items() if k != "train_samples_per_s"})
-    a = _flat(load_state(tmp_path / "a" / "checkpoint")["method"])
-    b = _flat(load_state(tmp_path / "b" / "checkpoint")["method"])
+    a = flat_tensors(load_state(tmp_path / "a" / "checkpoint")["method"])
+    b = flat_tensors(load_state(tmp_path / "b" / "checkpoint")["method"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k

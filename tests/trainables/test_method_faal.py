@@ -23,6 +23,7 @@ import pytest
 import reference_faal as ref
 import torch
 import torch.nn.functional as F
+from resume_support import Interrupt, StopAfter
 from torch import nn
 from trial_support import tiny_config
 
@@ -217,23 +218,6 @@ def test_radius_zero_is_the_plain_loss():
 
 
 # ------------------------------------------------------------------------------ resume
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    """Crashes the trial after ``n`` epochs, like a killed process."""
-
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
-
 
 # Inside the fine-tune (its state saved mid-phase); at the switch to it (slow: the same
 # code paths, one more trial).

@@ -19,6 +19,7 @@ import pytest
 import reference_fast_at as ref
 import torch
 import torch.nn.functional as F
+from resume_support import Interrupt, StopAfter, flat_tensors, timeless
 from torch import nn
 from trial_support import tiny_config
 
@@ -208,36 +209,6 @@ def test_probe_subset_is_fixed_by_the_seed():
 
 # ----------------------------------------------------------------------------- trials
 
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    """A reporter that crashes the trial after ``n`` epochs, like a killed process."""
-
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
-
-
-def flat_tensors(tree, prefix=""):
-    """Every tensor and number in a nested state dict, by path."""
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(flat_tensors(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def timeless(history):
-    return [{k: v for k, v in epoch.items() if k != "train_samples_per_s"} for epoch in history]
 
 PROBE = {"probe_size": 128, "probe_steps": 2}
 

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from resume_support import Interrupt, StopAfter, flat_tensors
 from trial_support import tiny_config
 
 from trainables import methods
@@ -17,23 +18,6 @@ from trainables.trial import (
     lr_at,
     run_trial,
 )
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(DirectoryReporter):
-    """A reporter that crashes the trial after `n` epochs, like a killed process."""
-
-    def __init__(self, out_dir, n):
-        super().__init__(out_dir)
-        self.n = n
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.n:
-            raise Interrupt
 
 
 def test_every_epoch_reports_design_metric_names(tmp_path, fmnist_small):
@@ -67,18 +51,6 @@ def test_eval_test_final_evaluates_test_only_at_the_last_epoch(tmp_path, fmnist_
               splits=fmnist_small)
     assert [("val_robust_acc" in m, "test_robust_acc" in m) for m in seen] == [
         (True, False)] * 3
-
-
-def flat_tensors(tree, prefix=""):
-    """Every tensor and number in a nested state dict, by path."""
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(flat_tensors(v, f"{prefix}{k}."))
-        return out
-    if isinstance(tree, list | tuple):
-        return flat_tensors(dict(enumerate(tree)), prefix)
-    return {prefix.rstrip("."): tree}
 
 
 @pytest.mark.parametrize("method", ["pgd_at", "trades", "caat"])

@@ -12,7 +12,7 @@ included).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from trainables.attacks import ce_per_sample, pgd
-from trainables.methods.base import Batch, Method, MethodData, StepResult
-from trainables.methods.overfit import FastATKnobs, OverfitProbe
+from trainables.methods.base import Batch, MethodData, StepResult
+from trainables.methods.overfit import FastATKnobs, ProbedMethod
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig
@@ -42,26 +42,15 @@ def fgsm_rs_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps:
                step_size=step_size, steps=1, random_start="uniform", init_delta=noise)
 
 
-class FGSMRS(Method):
+class FGSMRS(ProbedMethod):
     name = "fgsm_rs"
     knobs = FGSMRSKnobs
 
     def __init__(self, model: nn.Module, cfg: TrialConfig, data: MethodData) -> None:
         super().__init__(model, cfg, data)
         self.step_size = cfg.method.step_mult * self.eps
-        self.probe = OverfitProbe(cfg.method, data, eps=self.eps, seed=cfg.runtime.seed,
-                                  batch_size=cfg.eval.batch_size)
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         x_adv = fgsm_rs_examples(self.model, batch.x, batch.y, eps=self.eps,
                                  step_size=self.step_size)
         return StepResult(F.cross_entropy(self.model(x_adv), batch.y))
-
-    def epoch_end(self, epoch: int) -> dict[str, float]:
-        return self.probe(self.model, epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"probe": self.probe.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.probe.load_state_dict(state["probe"])

@@ -11,7 +11,7 @@ project's attacks do, the gradient is taken in eval mode (the code: train mode).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from trainables.attacks import ce_per_sample, pgd
-from trainables.methods.base import Batch, Method, MethodData, StepResult
-from trainables.methods.overfit import FastATKnobs, OverfitProbe
+from trainables.methods.base import Batch, MethodData, StepResult
+from trainables.methods.overfit import FastATKnobs, ProbedMethod
 
 if TYPE_CHECKING:
     from trainables.config import TrialConfig
@@ -48,7 +48,7 @@ def n_fgsm_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, noise
                step_size=step_size, steps=1, init_delta=noise)
 
 
-class NFGSM(Method):
+class NFGSM(ProbedMethod):
     name = "n_fgsm"
     knobs = NFGSMKnobs
 
@@ -56,20 +56,9 @@ class NFGSM(Method):
         super().__init__(model, cfg, data)
         self.step_size = cfg.method.step_mult * self.eps
         self.noise_radius = cfg.method.noise_mult * self.eps
-        self.probe = OverfitProbe(cfg.method, data, eps=self.eps, seed=cfg.runtime.seed,
-                                  batch_size=cfg.eval.batch_size)
 
     def step(self, batch: Batch, lr: float) -> StepResult:
         noise = uniform_noise(batch.x, self.noise_radius)
         x_adv = n_fgsm_examples(self.model, batch.x, batch.y, noise=noise,
                                 step_size=self.step_size)
         return StepResult(F.cross_entropy(self.model(x_adv), batch.y))
-
-    def epoch_end(self, epoch: int) -> dict[str, float]:
-        return self.probe(self.model, epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"probe": self.probe.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.probe.load_state_dict(state["probe"])

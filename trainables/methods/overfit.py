@@ -31,8 +31,10 @@ from torch import nn
 
 from trainables.attacks import eval_mode, pgd_ce
 from trainables.knobs import Knobs
+from trainables.methods.base import Method
 
 if TYPE_CHECKING:
+    from trainables.config import TrialConfig
     from trainables.methods.base import MethodData
 
 # The trial's random streams are numbered in `trainables.trial` (0-4); the probe's attack
@@ -142,3 +144,22 @@ class OverfitProbe:
         self.subset = state["subset"].clone()
         self.previous, self.best = float(state["previous"]), float(state["best"])
         self.flag = bool(state["flag"])
+
+
+class ProbedMethod(Method):
+    """A single-step method with the probe: its epoch end reports the probe, and its state
+    is the probe's. Subclasses set `step_size` and implement `step`."""
+
+    def __init__(self, model: nn.Module, cfg: TrialConfig, data: MethodData) -> None:
+        super().__init__(model, cfg, data)
+        self.probe = OverfitProbe(cfg.method, data, eps=self.eps, seed=cfg.runtime.seed,
+                                  batch_size=cfg.eval.batch_size)
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        return self.probe(self.model, epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe": self.probe.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.probe.load_state_dict(state["probe"])
