@@ -30,3 +30,13 @@ def fmnist_small(fmnist):
 
     return replace(fmnist, train_x=fmnist.train_x[:4000], train_y=fmnist.train_y[:4000],
                    test_x=fmnist.test_x[:1000], test_y=fmnist.test_y[:1000])
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype float64 for one test: the reference-equivalence tests compare
+    the project's methods with transcriptions of their official code to 1e-5 and below."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

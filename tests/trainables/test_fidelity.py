@@ -30,12 +30,8 @@ C, N, SIDE = 10, 40, 12
 RTOL, ATOL = 1e-5, 1e-9
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Every test here in float64 (the `float64` fixture of tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:

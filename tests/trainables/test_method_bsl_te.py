@@ -42,14 +42,6 @@ RTOL, ATOL = 1e-5, 1e-9
 TAIL = torch.tensor([50, 30, 20, 12, 8, 5, 3, 2, 1, 1])
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
 

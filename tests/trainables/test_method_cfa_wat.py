@@ -42,14 +42,6 @@ EPS, STEP, STEPS = 0.1, 0.025, 3
 RTOL, ATOL = 1e-6, 1e-9
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=RTOL, atol=ATOL)
 

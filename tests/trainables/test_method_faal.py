@@ -37,14 +37,6 @@ C, N, SIDE = 10, 40, 12
 RTOL, ATOL = 1e-5, 1e-9
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
     return torch.allclose(a, b.to(a.dtype), rtol=RTOL, atol=atol)
 

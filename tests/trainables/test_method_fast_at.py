@@ -37,14 +37,6 @@ C, N, SIDE, EPS = 10, 40, 12, 0.1
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def problem(arch: str, seed: int = 0):
     """A float64 model after a few steps of training, and a batch with pixels at 0 and 1
     (so the [0, 1] clamps bite)."""
