@@ -147,8 +147,10 @@ def summary(b: Bench, floor: float) -> dict:
     # The first round carries one-off costs (allocator warm-up): medians of the others.
     epoch = statistics.median(b.epoch_s[1:] or b.epoch_s)
     ms_per_batch = 1000 * epoch / b.n_batches
-    passes = FLOOR_PASSES.get(b.name, lambda k: 1)(b.cfg.method.steps)
-    return {"method": b.name, "K": b.cfg.method.steps, "epoch_s": epoch,
+    # A method without an attack (ERM, MWN) or with a fixed one (FGSM) has no `steps` knob.
+    k = getattr(b.cfg.method, "steps", None)
+    passes = FLOOR_PASSES.get(b.name, lambda k: 1)(k)
+    return {"method": b.name, "K": "-" if k is None else k, "epoch_s": epoch,
             "ms_batch": ms_per_batch, "samples_s": b.n_batches * b.cfg.optim.batch_size / epoch,
             "passes": passes, "eff": passes * floor / ms_per_batch}
 
