@@ -31,7 +31,10 @@ from pathlib import Path
 
 import pandas as pd
 
-METHODS = ["erm", "pgd_at", "trades", "frl", "mwn", "anti_adv", "caat"]
+# The harness's first seven, then the nine baselines that followed FRL (issue 22), each at its
+# official code's defaults for the knobs the comparison does not fix.
+METHODS = ["erm", "pgd_at", "trades", "frl", "mwn", "anti_adv", "caat",
+           "cfa", "wat", "bat", "dafa", "faal", "fgsm_rs", "n_fgsm", "at_bsl", "te"]
 SCENARIOS = {
     "pair-0.4": {"noise_type": "pair", "noise_rate": 0.4},
     "imbalance-10": {"imbalance_ratio": 10.0},
@@ -64,7 +67,7 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
         "model": {"arch": "small_cnn"},
         "method": method_block(method, {"eps": 0.1, "step_size": 0.025, "steps": 5,
                                         "beta": 6.0, **(knobs or {})}),
-        # One warm start per scenario and seed, shared by the 7 methods.
+        # One warm start per scenario and seed, shared by every method.
         "init": {"erm_epochs": 1, "cache_dir": str(Path(args.out) / "warm_starts")},
         "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 0.05},
         "eval": {"steps": 20, "every": args.epochs},
