@@ -36,11 +36,15 @@ def differences(now: dict, before: dict, path: str = "") -> list[str]:
     return out
 
 
+# Spaces shipped after the record was written (their methods' knobs did not exist before).
+NEWER_SPACES = {"baselines.yaml"}
+
+
 def test_the_record_covers_what_is_shipped():
     trials = {p.name for p in (ROOT / "search_spaces/trials").glob("*.yaml")}
     spaces = {p.name for p in (ROOT / "search_spaces").glob("*.yaml")}
     assert set(BEFORE["trials"]) == trials | {"<empty>"}
-    assert set(BEFORE["spaces"]) == spaces
+    assert set(BEFORE["spaces"]) == spaces - NEWER_SPACES
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE["trials"]))
