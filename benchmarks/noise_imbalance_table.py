@@ -139,6 +139,7 @@ def collect(root: Path) -> pd.DataFrame:
         first, last = (history[0], history[-1]) if history else ({}, {})
         rows.append({"scenario": scenario, "method": method, "seed": seed,
                      **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60,
+                     "epochs": total_epochs(m.get("resolved") or m["config"]),
                      **{k: 100 * aa[k] if k in aa else float("nan") for k in AA_COLUMNS},
                      **{f"val_{k}": 100 * m["val"][k] for k in COLUMNS if k in m.get("val", {})},
                      "frac_anti_first": first.get("frac_anti", float("nan")),
@@ -148,6 +149,12 @@ def collect(root: Path) -> pd.DataFrame:
                      "frac_anti_mean": (sum(h.get("frac_anti", 0.0) for h in history)
                                         / len(history)) if history else float("nan")})
     return pd.DataFrame(rows)
+
+
+def total_epochs(cfg: dict) -> int:
+    """The epochs behind a trial's model: its own and its ERM warm start's (a fine-tune such
+    as FAAL's runs inside the trial's own epochs, so it is counted there)."""
+    return int(cfg.get("init", {}).get("erm_epochs", 0)) + int(cfg["optim"]["epochs"])
 
 
 def cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
@@ -160,15 +167,20 @@ def cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-def markdown_rows(block: pd.DataFrame, names: list[str], columns: dict[str, int]) -> list[str]:
-    """One markdown row per name present in `block` (its `method` column): n, a cell per
-    column key (with its digits), and the mean minutes per trial."""
+def markdown_rows(block: pd.DataFrame, names: list[str], columns: dict[str, int], *,
+                  epochs: bool = False) -> list[str]:
+    """One markdown row per name present in `block` (its `method` column): n, the total
+    epochs (with ``epochs``; a range where the trials differ), a cell per column key (with
+    its digits), and the mean minutes per trial."""
     lines = []
     for name in names:
         rows = block[block.method == name]
         if rows.empty:
             continue
         cells = [cell(rows, key, digits) for key, digits in columns.items()]
+        if epochs:
+            low, high = int(rows.epochs.min()), int(rows.epochs.max())
+            cells.insert(0, str(low) if low == high else f"{low}-{high}")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
                      + f" | {rows.minutes.mean():.1f} |")
     return lines
@@ -179,9 +191,10 @@ def table(df: pd.DataFrame) -> str:
     for scenario, block in df.groupby("scenario", sort=False):
         lines.append(f"\n{scenario} (test accuracy %, mean ± std over seeds)\n")
         columns = COLUMNS | AA_COLUMNS
-        lines.append("| method | n | " + " | ".join(columns.values()) + " | min/trial |")
-        lines.append("|---|---|" + "---|" * (len(columns) + 1))
-        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1))
+        lines.append("| method | n | epochs | " + " | ".join(columns.values())
+                     + " | min/trial |")
+        lines.append("|---|---|---|" + "---|" * (len(columns) + 1))
+        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1), epochs=True)
     return "\n".join(lines)
 
 
