@@ -44,7 +44,8 @@ COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
            "worst_class_robust_acc": "worst-class robust"}
 # AutoAttack `fast` on a fixed class-balanced 1000-image subset of the same test images,
 # measured after the fact on each trial's model.pt by benchmarks/autoattack_trials.py; the
-# gap is PGD-20's accuracy on those 1000 images minus AutoAttack's ("-": not measured yet).
+# gap is PGD-20's accuracy on those images minus AutoAttack's ("-": not measured yet);
+# `AA images` says how many (the nine baselines' rows: 500, for the CPU time).
 AA_COLUMNS = {"autoattack_acc": "AutoAttack", "worst_class_autoattack_acc":
               "worst-class AutoAttack", "pgd_autoattack_gap": "PGD-AA gap"}
 
@@ -141,6 +142,7 @@ def collect(root: Path) -> pd.DataFrame:
                      **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60,
                      "epochs": total_epochs(m.get("resolved") or m["config"]),
                      **{k: 100 * aa[k] if k in aa else float("nan") for k in AA_COLUMNS},
+                     "aa_samples": aa.get("settings", {}).get("samples", float("nan")),
                      **{f"val_{k}": 100 * m["val"][k] for k in COLUMNS if k in m.get("val", {})},
                      "frac_anti_first": first.get("frac_anti", float("nan")),
                      "frac_anti_last": last.get("frac_anti", float("nan")),
@@ -167,20 +169,28 @@ def cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
+def count_cell(rows: pd.DataFrame, key: str) -> str:
+    """An integer column over the rows: its value, a range where they differ, - for none."""
+    values = rows[key].dropna()
+    if values.empty:
+        return "-"
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def markdown_rows(block: pd.DataFrame, names: list[str], columns: dict[str, int], *,
-                  epochs: bool = False) -> list[str]:
-    """One markdown row per name present in `block` (its `method` column): n, the total
-    epochs (with ``epochs``; a range where the trials differ), a cell per column key (with
-    its digits), and the mean minutes per trial."""
+                  counts: tuple[str, ...] = (), after: tuple[str, ...] = ()) -> list[str]:
+    """One markdown row per name present in `block` (its `method` column): n, the integer
+    columns ``counts`` (`count_cell`), a cell per column key (with its digits), the integer
+    columns ``after``, and the mean minutes per trial."""
     lines = []
     for name in names:
         rows = block[block.method == name]
         if rows.empty:
             continue
-        cells = [cell(rows, key, digits) for key, digits in columns.items()]
-        if epochs:
-            low, high = int(rows.epochs.min()), int(rows.epochs.max())
-            cells.insert(0, str(low) if low == high else f"{low}-{high}")
+        cells = ([count_cell(rows, key) for key in counts]
+                 + [cell(rows, key, digits) for key, digits in columns.items()]
+                 + [count_cell(rows, key) for key in after])
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
                      + f" | {rows.minutes.mean():.1f} |")
     return lines
@@ -192,9 +202,10 @@ def table(df: pd.DataFrame) -> str:
         lines.append(f"\n{scenario} (test accuracy %, mean ± std over seeds)\n")
         columns = COLUMNS | AA_COLUMNS
         lines.append("| method | n | epochs | " + " | ".join(columns.values())
-                     + " | min/trial |")
-        lines.append("|---|---|---|" + "---|" * (len(columns) + 1))
-        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1), epochs=True)
+                     + " | AA images | min/trial |")
+        lines.append("|---|---|---|" + "---|" * (len(columns) + 2))
+        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1), counts=("epochs",),
+                               after=("aa_samples",))
     return "\n".join(lines)
 
 
