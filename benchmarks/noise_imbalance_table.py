@@ -45,7 +45,7 @@ COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
 # AutoAttack `fast` on a fixed class-balanced 1000-image subset of the same test images,
 # measured after the fact on each trial's model.pt by benchmarks/autoattack_trials.py; the
 # gap is PGD-20's accuracy on those images minus AutoAttack's ("-": not measured yet);
-# `AA images` says how many (the nine baselines' rows: 500, for the CPU time).
+# `AA images` says how many (the nine baselines' rows: 200, for the CPU time).
 AA_COLUMNS = {"autoattack_acc": "AutoAttack", "worst_class_autoattack_acc":
               "worst-class AutoAttack", "pgd_autoattack_gap": "PGD-AA gap"}
 
