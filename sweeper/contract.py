@@ -47,7 +47,10 @@ scripts read it):
   `test_class_autoattack_acc` when the trial ran it, and for CAAT the
   training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
   (last epoch) and their histories `train_class_frac_anti_by_epoch`,
-  `train_class_mean_eps_by_epoch` (one list per epoch).
+  `train_class_mean_eps_by_epoch` (one list per epoch); then every other class-wise list a
+  method reports at its epoch end (e.g. CFA's `cfa_class_eps`, DAFA's
+  `train_class_dafa_weight`, FAAL's `train_class_faal_weight`), each with its `_by_epoch`
+  history.
 - Status FINISHED for completed and pruned trials, FAILED for failed ones. When a sweep
   (or a resume) ends, no run is left RUNNING: unfinished trials (an interrupted driver) are
   marked KILLED until a resume reopens them. A resumed driver finds each trial's run again

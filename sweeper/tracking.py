@@ -38,6 +38,7 @@ from sweeper._write_queue import pending_path
 from sweeper.contract import (
     AUTOATTACK_FLAGS_KEY,
     AUTOATTACK_FLAGS_TAG,
+    AUTOATTACK_RECORDS,
     CLASSWISE_KEYS,
     PARENT_TAG,
     TRIAL_TAGS,
@@ -415,10 +416,16 @@ def _read_lists(checkpoint) -> dict | None:
 
 
 def _classwise_of(lists: Mapping[str, Any] | None) -> dict | None:
-    """What of those goes to MLflow's classwise.json: the contract's CLASSWISE_KEYS only."""
+    """What of those goes to MLflow's classwise.json: the contract's CLASSWISE_KEYS first,
+    then every class-wise list a method reports (CFA's class bounds, DAFA's or FAAL's class
+    weights) with its `_by_epoch` history; not AutoAttack's records (its image positions
+    and flags, which are no class-wise figures and reach the run as a tag)."""
     if not lists:
         return None
-    return {k: lists[k] for k in CLASSWISE_KEYS if k in lists} or None
+    known = {k: lists[k] for k in CLASSWISE_KEYS if k in lists}
+    own = {k: v for k, v in lists.items()
+           if k not in known and k not in AUTOATTACK_RECORDS and isinstance(v, list)}
+    return {**known, **own} or None
 
 
 def error_reason(trial: Trial) -> str:

@@ -153,6 +153,7 @@ def test_autoattack_scalars_are_metrics_its_lists_are_not(tmp_path):
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
     lists = {"test_class_robust_acc": [0.4, 0.5], "test_class_autoattack_acc": [0.3, 0.32],
+             "cfa_class_eps": [0.09, 0.11], "cfa_class_eps_by_epoch": [[0.1, 0.1], [0.09, 0.11]],
              "test_autoattack_indices": [4, 8, 15],
              "test_autoattack_flags": ["subset: 3 of 1000 asked"]}
     (ckpt / "classwise.json").write_text(json.dumps(lists))
@@ -168,8 +169,11 @@ def test_autoattack_scalars_are_metrics_its_lists_are_not(tmp_path):
         run.info.run_id, k))
     assert run.data.tags["autoattack_flags"] == "subset: 3 of 1000 asked"
     local = tracker.client.download_artifacts(run.info.run_id, "classwise.json", str(tmp_path))
+    # The evaluation's lists and a method's own (CFA's class bounds and their history); not
+    # AutoAttack's image positions or flags.
     assert json.loads(Path(local).read_text()) == {
-        "test_class_robust_acc": [0.4, 0.5], "test_class_autoattack_acc": [0.3, 0.32]}
+        "test_class_robust_acc": [0.4, 0.5], "test_class_autoattack_acc": [0.3, 0.32],
+        "cfa_class_eps": [0.09, 0.11], "cfa_class_eps_by_epoch": [[0.1, 0.1], [0.09, 0.11]]}
 
 
 def test_end_of_session_deletes_unknown_trials_and_closes_running_runs(tmp_path):
