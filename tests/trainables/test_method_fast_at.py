@@ -271,39 +271,3 @@ def test_flag_rises_on_a_collapse_and_not_on_a_healthy_run(tmp_path, fmnist_smal
     assert after["catastrophic_overfit"] == 1.0
     assert probe(run.model, 2)["catastrophic_overfit"] == 1.0  # latched
 
-
-# A real collapse. Plain FGSM (N-FGSM with no noise: one step of eps from the clean image)
-# at eps 0.2 on Fashion-MNIST collapses: measured on 20000 training images, lr 0.05, the
-# probe's PGD accuracy went 0.33, 0.14, 0.07, 0.02, 0.02 over 5 epochs while clean accuracy
-# rose (0.56 to 0.76) and test PGD accuracy ended at 0.2%. The fall is spread over two
-# epochs (0.19 then 0.07), so fast_adversarial's rule (a fall of 0.2 from the previous epoch)
-# misses it; `overfit_reference: best` catches it. N-FGSM at its defaults (noise 2 eps), on
-# the same data, budget and eps, is the paper's remedy: it learns slowly (noise of 0.4 is a
-# lot for Fashion-MNIST; measured: PGD accuracy 0.10, 0.09, 0.16, 0.20, 0.19, clean 0.13 to
-# 0.28) but its robustness rises instead of collapsing, and the flag stays down.
-COLLAPSE = {"eps": 0.2, "probe_size": 256, "overfit_reference": "best"}
-
-
-def collapse_run(tmp_path, fmnist, **method) -> list[dict]:
-    cfg = {"dataset": {"name": "fashion_mnist", "train_size": 20000, "test_size": 500},
-           "scenario": {"meta_per_class": 10, "val_per_class": 20},
-           "model": {"arch": "small_cnn"}, "init": {"erm_epochs": 1},
-           "method": {"name": "n_fgsm", **COLLAPSE, **method},
-           "optim": {"epochs": 5, "batch_size": 128, "lr": 0.05, "schedule": "constant"},
-           "eval": {"test": "none", "max_samples": 100, "steps": 2},
-           "runtime": {"seed": 0, "device": "cpu"}}
-    return run_trial(cfg, DirectoryReporter(tmp_path), splits=fmnist).history
-
-
-@pytest.mark.slow
-def test_a_real_collapse_raises_the_flag_and_n_fgsm_at_its_defaults_does_not(tmp_path,
-                                                                              fmnist):
-    fgsm = collapse_run(tmp_path / "fgsm", fmnist, noise_mult=0.0, step_mult=1.0)
-    pgd_acc = [e["train_pgd_acc"] for e in fgsm]
-    assert max(pgd_acc) > 0.25 and pgd_acc[-1] < 0.05, pgd_acc  # it learned, then collapsed
-    assert fgsm[-1]["train_natural_acc"] > 0.6  # clean accuracy kept: overfitting, no divergence
-    assert fgsm[-1]["catastrophic_overfit"] == 1.0, pgd_acc
-    healthy = collapse_run(tmp_path / "n_fgsm", fmnist)
-    pgd_acc = [e["train_pgd_acc"] for e in healthy]
-    assert pgd_acc[-1] > 0.1 and pgd_acc[-1] >= pgd_acc[0], pgd_acc
-    assert all(e["catastrophic_overfit"] == 0.0 for e in healthy), pgd_acc
