@@ -423,9 +423,7 @@ def _classwise_of(lists: Mapping[str, Any] | None) -> dict | None:
     if not lists:
         return None
     known = {k: lists[k] for k in CLASSWISE_KEYS if k in lists}
-    own = {k: v for k, v in lists.items()
-           if k not in known and k not in AUTOATTACK_RECORDS and isinstance(v, list)}
-    return {**known, **own} or None
+    return {**known, **{k: v for k, v in lists.items() if k not in AUTOATTACK_RECORDS}} or None
 
 
 def error_reason(trial: Trial) -> str:

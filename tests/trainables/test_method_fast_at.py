@@ -270,4 +270,3 @@ def test_flag_rises_on_a_collapse_and_not_on_a_healthy_run(tmp_path, fmnist_smal
     assert after["train_natural_acc"] == 1.0 and after["train_pgd_acc"] == 0.0
     assert after["catastrophic_overfit"] == 1.0
     assert probe(run.model, 2)["catastrophic_overfit"] == 1.0  # latched
-
