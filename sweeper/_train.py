@@ -11,6 +11,7 @@ from typing import Any
 
 from trainables.config import same_config
 from trainables.errors import CliError
+from trainables.metric_names import BEST_EPOCH
 
 
 def train(args: argparse.Namespace) -> int:
@@ -48,10 +49,18 @@ def train(args: argparse.Namespace) -> int:
     final["history"] = result.history
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
     models.save_checkpoint(result.model, out / "model.pt")
+    if result.best is not None and result.best.weights is not None:
+        # The best epoch's weights by `eval.best_metric` (validation), beside the last's.
+        models.save_checkpoint(result.best.model(result.model), out / "model_best.pt",
+                               extra={"epoch": result.best.epoch})
     # The finished model and metrics replace the resumable state.
     shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
     print(f"test natural acc {final['natural_acc']:.4f}  robust acc {final['robust_acc']:.4f}  "
           f"worst-class natural {final['worst_class_natural_acc']:.4f}  -> {out}/metrics.json")
+    if "best_robust_acc" in final:
+        print(f"best checkpoint (epoch {final['best_epoch']} by {cfg.eval.best_metric}): test "
+              f"natural acc {final['best_natural_acc']:.4f}  robust acc "
+              f"{final['best_robust_acc']:.4f}  -> {out}/model_best.pt")
     return 0
 
 
@@ -74,7 +83,7 @@ def check_out_dir(out: Path, reporter, config: dict[str, Any], force: bool) -> P
         raise CliError(f"--out: {out} holds {what} of a different config; choose another "
                        "directory, or pass --force to replace it")
     shutil.rmtree(reporter.checkpoint_dir, ignore_errors=True)
-    for name in ("metrics.json", "model.pt"):
+    for name in ("metrics.json", "model.pt", "model_best.pt"):
         (out / name).unlink(missing_ok=True)
     return None
 
@@ -87,11 +96,14 @@ def _stored_config(metrics_file: Path) -> Any:
 
 
 def final_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json's top level: the last epoch's test metrics without the `test_` prefix."""
+    """metrics.json's top level: the last epoch's test metrics without the `test_` prefix
+    (the best checkpoint's as `best_*`, with `best_epoch`)."""
     out = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
+    if BEST_EPOCH in metrics:
+        out[BEST_EPOCH] = metrics[BEST_EPOCH]
     out["val"] = {k.removeprefix("val_"): v for k, v in metrics.items() if k.startswith("val_")}
     out["train"] = {k: v for k, v in metrics.items()
-                    if not k.startswith(("test_", "val_"))}
+                    if not k.startswith(("test_", "val_")) and k != BEST_EPOCH}
     return out
 
 

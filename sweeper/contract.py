@@ -41,10 +41,16 @@ scripts read it):
   to the artifact below, `test_autoattack_indices` (which test images AutoAttack ran on) stays in
   the trial's checkpoint and metrics.json, and `test_autoattack_flags` (strings) becomes the tag
   `autoattack_flags` (`AUTOATTACK_FLAGS_TAG`, joined by "; ") when there are any.
+  With `eval.keep_best` (the default) the last epoch also carries `best_epoch` and, when it
+  evaluated the test split, the best checkpoint's `BEST_REPORT_METRICS` (`test_best_*`, the
+  weights of the best epoch by `eval.best_metric` on validation), and with
+  `eval.autoattack_best` its `BEST_AUTOATTACK_METRICS`.
 - Artifact `classwise.json` (`CLASSWISE_KEYS`): the last reported class-wise lists
-  {"val_class_natural_acc": [...], "val_class_robust_acc": [...],
-  "test_class_natural_acc": [...], "test_class_robust_acc": [...]}, AutoAttack's
-  `test_class_autoattack_acc` when the trial ran it, and for CAAT the
+  {"val_class_natural_acc": [...], "val_class_robust_acc": [...], "val_class_count": [...],
+  "test_class_natural_acc": [...], "test_class_robust_acc": [...], "test_class_count":
+  [...]} (`*_class_count`: the images per class, the accuracies' denominators), AutoAttack's
+  `test_class_autoattack_acc` and `test_class_autoattack_count` when the trial ran it, the
+  best checkpoint's twins of the test lists (`test_best_class_*`), and for CAAT the
   training diagnostics by observed class `train_class_frac_anti`, `train_class_mean_eps`
   (last epoch) and their histories `train_class_frac_anti_by_epoch`,
   `train_class_mean_eps_by_epoch` (one list per epoch); then every other class-wise list a
@@ -75,8 +81,8 @@ from trainables.metric_names import (
     AUTOATTACK_RECORDS,
     CLASSWISE_DIAGNOSTICS,
     CLASSWISE_METRICS,
-    EVAL_SPLITS,
     SCALAR_METRICS,
+    best_name,
     split_metrics,
 )
 
@@ -312,9 +318,14 @@ REPORT_METRICS = split_metrics("test")
 # REPORT_METRICS by runs that carry them. The gap is PGD's robust accuracy minus AutoAttack's
 # on the same test images: large means gradient masking (`sweeper.analysis` warns).
 AUTOATTACK_ACC, _, PGD_AUTOATTACK_GAP = AUTOATTACK_METRICS
+# The best checkpoint's twins of the test scalars (`eval.keep_best`), logged at the last step
+# beside `best_epoch`, and AutoAttack's (`eval.autoattack_best`).
+BEST_REPORT_METRICS = tuple(best_name(m) for m in REPORT_METRICS)
+BEST_AUTOATTACK_METRICS = tuple(best_name(m) for m in AUTOATTACK_METRICS)
 # The lists in a trial run's classwise.json artifact.
-CLASSWISE_KEYS = (*(m for split in EVAL_SPLITS for m in split_metrics(split, CLASSWISE_METRICS)),
-                  *AUTOATTACK_CLASSWISE, *CLASSWISE_DIAGNOSTICS,
+_LAST_CLASSWISE = (*split_metrics("test", CLASSWISE_METRICS), *AUTOATTACK_CLASSWISE)
+CLASSWISE_KEYS = (*split_metrics("val", CLASSWISE_METRICS), *_LAST_CLASSWISE,
+                  *(best_name(m) for m in _LAST_CLASSWISE), *CLASSWISE_DIAGNOSTICS,
                   *(f"{k}_by_epoch" for k in CLASSWISE_DIAGNOSTICS))
 # A run's tag listing AutoAttack's flags (the list a trial reports as `test_autoattack_flags`),
 # when it has any.

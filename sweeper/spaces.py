@@ -81,6 +81,7 @@ from pydantic import ValidationError
 
 from sweeper.space_schema import NAME_PATTERN, Distribution, ScenarioSpec, SweepSpace
 from trainables.config import (
+    EvalConfig,
     OptimConfig,
     TrialConfig,
     flatten,
@@ -146,14 +147,21 @@ class SweepPlan:
 
     def trial_config(self, cell: Cell, params: Mapping[str, Any], seed: int | None,
                      tuning: bool = False) -> dict:
-        """The nested trial config of one trial: the cell's, sampled values, the seed; a
-        tuning trial skips the test split when the space says so (`confirm.tune_test`), a
-        confirmation trial takes `confirm.eval` (AutoAttack)."""
+        """The nested trial config of one trial: the cell's, sampled values, the seed, the
+        best checkpoint's metric (the selection's primary one, by default); a tuning trial
+        skips the test split when the space says so (`confirm.tune_test`), a confirmation
+        trial takes `confirm.eval` (AutoAttack)."""
         cfg = copy.deepcopy(cell.config)
         for key, value in params.items():
             set_dotted(cfg, key, value)
         if seed is not None:
             set_dotted(cfg, "runtime.seed", seed)
+        primary = self.space.selection.primary[0]
+        if "best_metric" not in cfg.get("eval", {}) and primary != EvalConfig().best_metric:
+            # A trial's best checkpoint is chosen on what the sweep selects on (its primary
+            # objective), unless the space names another validation metric; set only when
+            # it differs from the default, so that older sweeps resume with their configs.
+            set_dotted(cfg, "eval.best_metric", primary)
         if tuning and not self.space.confirm.tune_test:
             set_dotted(cfg, "eval.test", "none")
         if not tuning:

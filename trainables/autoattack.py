@@ -234,7 +234,9 @@ def evaluate_autoattack(cfg: TrialConfig, model: nn.Module, problem: Problem, *,
     attacked, for re-running AutoAttack on exactly those. {} when `eval.autoattack` is none."""
     if cfg.eval.autoattack == "none":
         return {}
-    pick = stratified_subset(problem.test_y.cpu().numpy(), cfg.eval.autoattack_samples)
+    labels = problem.test_y.cpu().numpy()
+    n = cfg.eval.autoattack_samples
+    pick = stratified_subset(labels, labels.size if n == "all" else n)
     on_device = torch.as_tensor(pick, device=problem.test_y.device)
     out = autoattack_report(model, problem.test_x[on_device], problem.test_y[on_device],
                             problem.num_classes, eps=cfg.eval_eps, version=cfg.eval.autoattack,
@@ -242,4 +244,7 @@ def evaluate_autoattack(cfg: TrialConfig, model: nn.Module, problem: Problem, *,
                             step_size=cfg.eval_step_size, batch_size=cfg.eval.batch_size,
                             generator=pgd_generator)
     out["autoattack_indices"] = problem.test_idx[pick].tolist()
+    # The images per class attacked: the denominators of `class_autoattack_acc`.
+    out["class_autoattack_count"] = np.bincount(labels[pick],
+                                                minlength=problem.num_classes).tolist()
     return {f"test_{k}": v for k, v in out.items()}

@@ -25,6 +25,7 @@ from pydantic import (
 
 from trainables.errors import ConfigError
 from trainables.knobs import Knobs
+from trainables.metric_names import split_metrics
 from trainables.registry import DATASETS, METHODS, MODELS
 
 
@@ -135,6 +136,10 @@ class OptimConfig(_Strict):
     schedule: Literal["cosine", "step", "constant"] = "cosine"
 
 
+# A best checkpoint is chosen on a validation scalar: never on the test split.
+BestMetric = Literal[split_metrics("val")]  # type: ignore[valid-type]
+
+
 class EvalConfig(_Strict):
     eps: float | None = Field(default=None, ge=0.0, le=1.0)  # None: same as training eps
     steps: int = Field(default=20, ge=1)
@@ -155,8 +160,16 @@ class EvalConfig(_Strict):
     autoattack: Literal["none", "fast", "standard"] = "none"
     # Target classes of `fast`'s APGD-T; must be below the class count (checked on load).
     autoattack_targets: int = Field(default=3, ge=1)
-    # Test images attacked: the same ones for every trial and seed of a test split.
-    autoattack_samples: int = Field(default=1000, ge=1)
+    # Test images attacked: the same ones for every trial and seed of a test split; `all`:
+    # the whole test split (RobustBench's protocol), class-wise as always.
+    autoattack_samples: int | Literal["all"] = 1000
+    # Best and last checkpoints: beside the last epoch's weights, keep those of the best
+    # evaluated epoch by `best_metric` (validation only) and report `test_best_*` (one more
+    # final evaluation) and `best_epoch`. Robust overfitting makes the two differ.
+    keep_best: bool = True
+    best_metric: BestMetric = "val_robust_acc"
+    # AutoAttack on the best checkpoint too (doubles AutoAttack's cost when it differs).
+    autoattack_best: bool = False
 
     @model_validator(mode="after")
     def _autoattack_needs_test(self) -> EvalConfig:
@@ -164,6 +177,21 @@ class EvalConfig(_Strict):
             raise ValueError(f"eval.autoattack: {self.autoattack} attacks the test split, "
                              "which eval.test: none leaves out; set eval.test to every or "
                              "final, or eval.autoattack to none")
+        return self
+
+    @field_validator("autoattack_samples", mode="plain")
+    @classmethod
+    def _samples(cls, value: Any) -> int | str:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool)
+                              and value >= 1):
+            return value
+        raise ValueError(f"expected a number of test images >= 1, or all; got {value!r}")
+
+    @model_validator(mode="after")
+    def _autoattack_best_needs_both(self) -> EvalConfig:
+        if self.autoattack_best and (self.autoattack == "none" or not self.keep_best):
+            raise ValueError("eval.autoattack_best: attacks the best checkpoint, which needs "
+                             "eval.autoattack fast or standard and eval.keep_best true")
         return self
 
 

@@ -39,6 +39,8 @@ def metrics_from_correct(natural_correct: torch.Tensor, robust_correct: torch.Te
         "boundary_error": nat - rob,
         "class_natural_acc": cls_nat.tolist(),
         "class_robust_acc": cls_rob.tolist(),
+        # The denominators of the class-wise accuracies, for their binomial intervals.
+        "class_count": torch.bincount(y, minlength=num_classes).tolist(),
     }
 
 

@@ -15,14 +15,12 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,26 +29,30 @@ from torch import nn
 from trainables import data as data_mod
 from trainables import methods, models
 from trainables.autoattack import evaluate_autoattack
+from trainables.best import BestCheckpoint, best_report
+
+# Callers import DirectoryReporter, RayReporter, load_state and CHECKPOINT_FILE from here:
+# a trial's entry points stay in this module.
+from trainables.checkpoints import (  # noqa: F401
+    CHECKPOINT_FILE,
+    DirectoryReporter,
+    RayReporter,
+    Reporter,
+    load_state,
+    restore_state,
+    rng_state,
+    save_state,
+)
 from trainables.config import TrialConfig, validate
 from trainables.diagnostics import EpochSamples, direction_diagnostics
-from trainables.errors import ConfigError, one_line
+from trainables.errors import ConfigError
 from trainables.metric_names import CLASSWISE_DIAGNOSTICS
 from trainables.metrics import evaluate
 from trainables.problem import Problem, build_problem, resolve_device
 
-CHECKPOINT_FILE = "state.pt"
-
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the epoch and batch."""
-
-
-class Reporter(Protocol):
-    """Where a trial sends its per-epoch results (a directory, or Ray Tune)."""
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None: ...
-
-    def latest_checkpoint(self) -> Path | None: ...
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -204,58 +206,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
         yield perm[start:start + batch_size]
 
 
-# ------------------------------------------------------------------------- checkpoints
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_state(directory: Path, **state: Any) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    # Write then rename: a crash mid-write never leaves a truncated checkpoint behind.
-    tmp = directory / (CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(directory / CHECKPOINT_FILE)
-    return directory
-
-
-def load_state(directory: Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def restore_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  method: Any) -> dict[str, Any]:
-    """Load a trial's checkpoint into its model, optimiser, method and RNGs.
-
-    A checkpoint of another format (another model, method or version of this code) fails
-    the same way on every retry: a ConfigError naming it, so a sweep fails the trial at
-    once instead of retrying it max_failures times."""
-    try:
-        state = load_state(directory)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state["method"])
-        set_rng_state(state["rng"])
-        if missing := {"epoch", "history"} - state.keys():
-            raise KeyError(", ".join(sorted(missing)))
-    except (KeyError, TypeError, ValueError, RuntimeError, EOFError,
-            pickle.UnpicklingError) as err:
-        raise ConfigError(f"checkpoint {Path(directory) / CHECKPOINT_FILE}: not a checkpoint "
-                          f"of this trial ({type(err).__name__}: {one_line(err, 160)}); start "
-                          "the trial afresh (train: a new --out, or --force)") from None
-    return state
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -263,9 +213,10 @@ def restore_state(directory: Path, model: nn.Module, optimizer: torch.optim.Opti
 class TrialResult:
     metrics: dict[str, Any]  # the last epoch's report (scalars and class-wise lists)
     history: list[dict[str, Any]]
-    model: nn.Module
+    model: nn.Module  # the last epoch's
     problem: Problem
     config: TrialConfig
+    best: BestCheckpoint | None = None  # the best epoch's weights (`eval.keep_best`)
 
 
 def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
@@ -290,11 +241,14 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
     # Class-wise training diagnostics of every epoch (one list per epoch), for plots of
     # how a method's per-class choices evolve; the last epoch's lists are reported as such.
     by_epoch: dict[str, list[list[float]]] = {}
+    best = BestCheckpoint(cfg.eval.best_metric) if cfg.eval.keep_best else None
     if resume_dir is not None:
         state = restore_state(resume_dir, model, optimizer, method)
         start_epoch, history = state["epoch"], list(state["history"])
         by_epoch = {k: list(v) for k, v in state.get("by_epoch", {}).items()}
         final = state.get("final_metrics")
+        if best is not None and state.get("best") is not None:
+            best.load_state_dict(state["best"])
 
     n_batches = max(1, len(problem.train_y) // cfg.optim.batch_size)
     # Resumed after the last epoch: its full report (class-wise lists and AutoAttack's
@@ -314,19 +268,29 @@ def run_trial(config: TrialConfig | Mapping[str, Any], reporter: Reporter, *,
         last = epoch + 1 == cfg.optim.epochs
         if last or (epoch + 1) % cfg.eval.every == 0:
             metrics.update(evaluate_splits(cfg, model, problem, epoch, full=last))
+            if best is not None:
+                best.offer(selection_value(cfg, model, problem, epoch, metrics, last),
+                           epoch + 1, model)
         if last:  # AutoAttack is costly: once, on the final model, before its checkpoint
-            metrics.update(evaluate_autoattack(cfg, model, problem, pgd_generator=epoch_generator(
-                cfg.runtime.seed, epoch, STREAM_AUTOATTACK_PGD, device)))
+            aa = autoattack_at(cfg, model, problem, epoch)
+            metrics.update(aa)
+            if best is not None:
+                last_test = {k: v for k, v in metrics.items() if k.startswith("test_")
+                             and (cfg.eval.autoattack_best or k not in aa)}
+                metrics.update(best_report(
+                    best, epoch + 1, last_test, lambda m, e: final_test(cfg, m, problem, e),
+                    model))
         history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
         with tempfile.TemporaryDirectory(prefix="caat-ckpt-") as tmp:
             save_state(Path(tmp), model=model.state_dict(), optimizer=optimizer.state_dict(),
                        method=method.state_dict(), rng=rng_state(), epoch=epoch + 1,
                        history=history, by_epoch=by_epoch, config=cfg.resolved(),
+                       best=best.state_dict() if best is not None else None,
                        spec=model.spec, final_metrics=metrics if last else None)
             reporter.report(metrics, Path(tmp))
     model.eval()
     return TrialResult(metrics=metrics, history=history, model=model, problem=problem,
-                       config=cfg)
+                       config=cfg, best=best)
 
 
 def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -379,14 +343,17 @@ def train_epoch(cfg: TrialConfig, model: nn.Module, optimizer: torch.optim.Optim
 
 
 def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch: int,
-                    full: bool) -> dict[str, Any]:
-    """`val_*` and `test_*` metrics; intermediate epochs may use a fixed random subset."""
+                    full: bool, which: tuple[str, ...] = ("val", "test")) -> dict[str, Any]:
+    """`val_*` and `test_*` metrics (of the splits in ``which``); intermediate epochs may use
+    a fixed random subset."""
     out: dict[str, Any] = {}
     device = problem.test_x.device
     splits = [("val", problem.val_x, problem.val_y), ("test", problem.test_x, problem.test_y)]
     if cfg.eval.test == "none" or (cfg.eval.test == "final" and not full):
         splits = splits[:1]
     for i, (split, x, y) in enumerate(splits):
+        if split not in which:
+            continue
         cap = cfg.eval.max_samples
         if not full and cap is not None and cap < len(y):
             # Same subset every epoch (epoch key fixed at 0), so the curves are comparable.
@@ -401,49 +368,28 @@ def evaluate_splits(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch:
     return out
 
 
-# ------------------------------------------------------------------------- reporters
+def selection_value(cfg: TrialConfig, model: nn.Module, problem: Problem, epoch: int,
+                    metrics: Mapping[str, Any], last: bool) -> float:
+    """`eval.best_metric` of this epoch on the validation images every epoch is measured
+    on: the last epoch's whole-split value would not compare with the others' subset."""
+    cap = cfg.eval.max_samples
+    if last and cap is not None and cap < len(problem.val_y):
+        metrics = evaluate_splits(cfg, model, problem, epoch, full=False, which=("val",))
+    return float(metrics[cfg.eval.best_metric])
 
 
-class DirectoryReporter:
-    """Keeps the latest checkpoint and the metric history in a directory (no Ray)."""
-
-    def __init__(self, out_dir: Path, on_report: Callable[[dict[str, Any]], None] | None = None):
-        self.out_dir = Path(out_dir)
-        self.checkpoint_dir = self.out_dir / "checkpoint"
-        self.on_report = on_report
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        tmp = self.out_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        tmp.rename(self.checkpoint_dir)
-        if self.on_report:
-            self.on_report(metrics)
-
-    def latest_checkpoint(self) -> Path | None:
-        return self.checkpoint_dir if (self.checkpoint_dir / CHECKPOINT_FILE).is_file() else None
+def autoattack_at(cfg: TrialConfig, model: nn.Module, problem: Problem,
+                  epoch: int) -> dict[str, Any]:
+    """AutoAttack's report of ``model`` with the PGD stream of (0-based) ``epoch``."""
+    return evaluate_autoattack(cfg, model, problem, pgd_generator=epoch_generator(
+        cfg.runtime.seed, epoch, STREAM_AUTOATTACK_PGD, problem.test_x.device))
 
 
-class RayReporter:
-    """The adapter between `run_trial` and Ray Tune's session API."""
-
-    def __init__(self) -> None:
-        from ray import tune
-
-        self._tune = tune
-        self._restored: tempfile.TemporaryDirectory | None = None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-        (checkpoint_dir / "classwise.json").write_text(json.dumps(
-            {k: v for k, v in metrics.items() if isinstance(v, list)}))
-        self._tune.report(scalars, checkpoint=self._tune.Checkpoint.from_directory(
-            str(checkpoint_dir)))
-
-    def latest_checkpoint(self) -> Path | None:
-        ckpt = self._tune.get_checkpoint()
-        if ckpt is None:
-            return None
-        self._restored = tempfile.TemporaryDirectory(prefix="caat-restore-")
-        return Path(ckpt.to_directory(self._restored.name))
+def final_test(cfg: TrialConfig, model: nn.Module, problem: Problem,
+               epoch: int) -> dict[str, Any]:
+    """The last epoch's test report (whole test split; AutoAttack with
+    `eval.autoattack_best`) of ``model`` as if it were (0-based) ``epoch``'s."""
+    out = evaluate_splits(cfg, model, problem, epoch, full=True, which=("test",))
+    if cfg.eval.autoattack_best:
+        out.update(autoattack_at(cfg, model, problem, epoch))
+    return out

@@ -116,14 +116,23 @@ def test_metric_names_derive_from_trainables_metric_names():
         "test_natural_acc", "test_robust_acc", "test_worst_class_natural_acc",
         "test_worst_class_robust_acc", "test_class_natural_acc_std", "test_boundary_error")
     assert contract.CLASSWISE_KEYS == (
-        "val_class_natural_acc", "val_class_robust_acc", "test_class_natural_acc",
-        "test_class_robust_acc", "test_class_autoattack_acc", "train_class_frac_anti",
+        "val_class_natural_acc", "val_class_robust_acc", "val_class_count",
+        "test_class_natural_acc", "test_class_robust_acc", "test_class_count",
+        "test_class_autoattack_acc", "test_class_autoattack_count",
+        "test_best_class_natural_acc", "test_best_class_robust_acc", "test_best_class_count",
+        "test_best_class_autoattack_acc", "test_best_class_autoattack_count",
+        "train_class_frac_anti",
         "train_class_mean_eps", "train_class_frac_anti_by_epoch",
         "train_class_mean_eps_by_epoch")
     assert contract.AUTOATTACK_METRICS == (
         "test_autoattack_acc", "test_worst_class_autoattack_acc", "test_pgd_autoattack_gap")
     assert (contract.AUTOATTACK_ACC, contract.PGD_AUTOATTACK_GAP) == (
         "test_autoattack_acc", "test_pgd_autoattack_gap")
+    assert contract.BEST_REPORT_METRICS == tuple(
+        m.replace("test_", "test_best_") for m in contract.REPORT_METRICS)
+    assert contract.BEST_AUTOATTACK_METRICS == (
+        "test_best_autoattack_acc", "test_best_worst_class_autoattack_acc",
+        "test_best_pgd_autoattack_gap")
 
 
 def test_experiment_name():

@@ -285,12 +285,13 @@ BAD = [
      "confirm: tune_test: false needs confirmation seeds"),
     ("bad sweep name", _edit(("name",), "my sweep"), "name: String should match pattern"),
     ("unknown confirm.eval key", _edit(("confirm",), {"seeds": [1], "eval": {"autoatack": "fast"}}),
-     "space.yaml: confirm.eval.autoatack: unknown key; allowed: autoattack, autoattack_samples, "
-     "autoattack_targets, batch_size, eps, every, max_samples, step_size, steps, test"),
+     "space.yaml: confirm.eval.autoatack: unknown key; allowed: autoattack, autoattack_best, "
+     "autoattack_samples, autoattack_targets, batch_size, best_metric, eps, every, keep_best, "
+     "max_samples, step_size, steps, test"),
     ("bad confirm.eval value", _edit(("confirm",), {"seeds": [1], "eval": {"autoattack": "full"}}),
      "space.yaml: confirm.eval.autoattack: allowed: 'none', 'fast' or 'standard'"),
     ("confirm.eval out of range", _edit(("confirm",), {"eval": {"autoattack_samples": 0}}),
-     "space.yaml: confirm.eval.autoattack_samples: Input should be greater than or equal to 1"),
+     "space.yaml: confirm.eval.autoattack_samples: expected a number of test images >= 1, or all; got 0"),
     ("confirmation without test", _edit(("confirm",), {"eval": {"test": "none"}}),
      "space.yaml: confirm.eval.test: none would leave the confirmation runs, which the tables "
      "read, without test metrics; allowed: every, final"),
