@@ -150,6 +150,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for line in summary.masking:
             print(f"warning: {line}", file=sys.stderr)
     n_cells = summary.selected["cell"].nunique()
+    # The reviewer's checklist first: what a reader of the tables will ask before anything.
+    if summary.checklist:
+        print(f"{analysis.CHECKLIST_TITLE}:")
+        for item in summary.checklist:
+            print(f"  {item.line()}")
     print(f"analysed {n_cells} cells ({len(summary.selected)} runs) of sweep {args.name!r}:")
     for path in files:
         print(f"  {path}")

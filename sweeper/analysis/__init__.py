@@ -12,14 +12,25 @@ Data flow, each step a small function on a plain DataFrame so that it can be tes
                              frac_anti_noisy / _clean, anti_noisy_auc), tidy; with
                              class_direction_table (classwise.json's per-class anti share and
                              bound, by epoch) the input of the caat_directions plots
-    aggregate            ->  mean / std / n over seeds per scenario x method x metric (the
-                             test metrics, then AutoAttack's when selected runs carry them)
-    paired_tests         ->  each method minus the reference (TRADES), paired by seed
+    aggregate            ->  mean / std / n and the 95% t-interval of the mean over seeds per
+                             scenario x method x metric (the test metrics, then AutoAttack's
+                             when selected runs carry them, then the best checkpoint's
+                             `test_best_*`, the robust-overfitting gap and `best_epoch` when
+                             runs report a best checkpoint)
+    cell_wilson          ->  for accuracies on counted images, one run's Wilson 95% binomial
+                             interval at the cell's mean (classwise.json's image counts)
+    paired_tests         ->  each method minus the reference (TRADES), paired by seed: the
+                             difference's t-interval, p, Holm's p per table (scenario x
+                             checkpoint) and the smallest difference the test could detect
     pareto_front         ->  methods whose (natural, robust) no other method dominates
     summarize            ->  the tidy summary (one row per scenario x method x metric) + notes
                              + the masking alarm: cells whose mean PGD - AutoAttack gap
                              exceeds MASKING_GAP (end of summary.md / .html, and stderr)
-    write_outputs        ->  summary.csv / .md / .tex / .html, classwise.csv, selected_runs.csv,
+                             + the reviewer's checklist (`_checklist`: top of summary.md /
+                             .html, printed by `caat-sweep analyze`)
+    write_outputs        ->  summary.csv / .md / .tex / .html, classwise.csv (per cell, with
+                             both intervals), classwise_runs.csv (per run, Wilson intervals),
+                             selected_runs.csv,
                              and the PNG plots: tradeoff.png, classwise_<scenario>.png,
                              vs_<factor>.png, caat_directions_<scenario>.png (CAAT's anti share
                              over the epochs, noisy vs clean labels, its noisy-label AUC and,
@@ -46,13 +57,27 @@ Only finished runs count: pruned and failed trials never enter a table. Final me
 the values at the last step (MLflow's latest value), i.e. the last evaluated epoch.
 
 This module is the public front; the steps live in private siblings, each importing only
-those below it: `_directions` (CAAT direction tables), `_model` (SweepRuns, Summary, shared
-names), `_load` (MLflow), `_stats` (pure pandas), `_summary`, `_render` (md / tex / html),
-`_plots`, `_direction_plots`, `_configs` (config fronts), `_optuna` (the studies),
-`_optuna_plots`, `_analyze` (the driver). What runs and studies carry is `sweeper.contract`.
+those below it: `_intervals` (the interval maths: t, Wilson, Holm, power), `_directions`
+(CAAT direction tables), `_model` (SweepRuns, Summary, shared names), `_load` (MLflow),
+`_stats` (pure pandas), `_classwise` (per-class intervals), `_checklist`, `_summary`,
+`_blocks` (format-neutral tables), `_render` (md / tex), `_html`, `_plots`,
+`_direction_plots`, `_configs` (config fronts), `_optuna` (the studies), `_optuna_plots`,
+`_analyze` (the driver). What runs and studies carry is `sweeper.contract`.
 """
 
 from sweeper.analysis._analyze import analyze, write_outputs, write_plots, write_study_tables
+from sweeper.analysis._checklist import (
+    CHECKLIST_TITLE,
+    DETECTABLE_TARGET,
+    MIN_SEEDS,
+    build_checklist,
+)
+from sweeper.analysis._classwise import (
+    CLASSWISE_KINDS,
+    cell_wilson,
+    classwise_table,
+    run_classwise_table,
+)
 from sweeper.analysis._configs import (
     CONFIG_KEYS,
     configs_frame,
@@ -77,7 +102,16 @@ from sweeper.analysis._directions import (
     empty_directions,
     load_directions,
 )
+from sweeper.analysis._html import to_html
+from sweeper.analysis._intervals import (
+    detectable_effect,
+    holm,
+    min_detectable_difference,
+    t_interval,
+    wilson_interval,
+)
 from sweeper.analysis._load import (
+    CONFIG_PARAMS,
     SCENARIO_PARAMS,
     load_classwise,
     load_sweep,
@@ -85,16 +119,24 @@ from sweeper.analysis._load import (
     runs_frame,
 )
 from sweeper.analysis._model import (
+    BEST_EPOCH,
+    BEST_METRICS,
     LOWER_IS_BETTER,
+    MASKING_GAP,
+    MASKING_TEXT,
+    MASKING_TITLE,
     METHOD_LABELS,
     METHOD_ORDER,
     METRICS,
     REFERENCE,
+    ROBUST_OVERFIT_GAP,
+    CheckItem,
     NothingToAnalyse,
     StudyAnalysis,
     Summary,
     SweepNotFound,
     SweepRuns,
+    best_name,
     method_key,
     method_label,
 )
@@ -125,12 +167,14 @@ from sweeper.analysis._plots import (
     save_scenario_figure,
     varied_factors,
 )
-from sweeper.analysis._render import METRIC_LABELS, NA, tex_escape, to_html, to_latex, to_markdown
+from sweeper.analysis._render import METRIC_LABELS, NA, tex_escape, to_latex, to_markdown
 from sweeper.analysis._stats import (
     aggregate,
     best_confirmed,
     best_flags,
+    best_metrics,
     coverage,
+    holm_tables,
     n_confirmed_configs,
     paired_test,
     paired_tests,
@@ -140,11 +184,7 @@ from sweeper.analysis._stats import (
     select_runs,
 )
 from sweeper.analysis._summary import (
-    CLASSWISE_KINDS,
-    MASKING_GAP,
-    MASKING_TEXT,
-    MASKING_TITLE,
-    classwise_table,
+    TIDY_COLUMNS,
     coverage_notes,
     describe_scenario,
     masking_alarms,
@@ -156,24 +196,28 @@ from sweeper.analysis._summary import (
 from sweeper.contract import AUTOATTACK_METRICS, DEFAULT_SELECTION_METRIC
 
 __all__ = [
-    "AUTOATTACK_METRICS", "CIFAR10_CLASSES", "CLASSWISE_KINDS", "CLASS_DIRECTION_COLUMNS",
-    "CLASS_DIRECTION_KEYS", "CONFIG_KEYS", "DEFAULT_SELECTION_METRIC", "DIRECTION_COLUMNS",
-    "DIRECTION_METHOD", "DIRECTION_METRICS", "FACTORS", "FASHION_MNIST_CLASSES",
-    "IMPORTANCE_COLUMNS", "LOWER_IS_BETTER", "MASKING_GAP", "MASKING_TEXT", "MASKING_TITLE",
-    "METHOD_LABELS", "METHOD_ORDER", "METRICS", "METRIC_LABELS", "NA", "NothingToAnalyse",
-    "REFERENCE", "SCENARIO_PARAMS", "StudiesUnavailable", "StudyAnalysis", "Summary",
-    "SweepNotFound", "SweepRuns", "VIEWS_DIR", "aggregate", "analyse_studies", "analyze",
-    "best_confirmed", "best_flags", "cell_importances", "class_direction_table",
-    "class_means_at_last", "class_means_by_epoch", "class_names", "classwise_table",
-    "configs_frame", "configs_table", "coverage", "coverage_notes", "describe_scenario",
-    "direction_frame", "direction_means", "direction_tables", "empty_class_directions",
-    "empty_directions", "factor_series", "importance_table", "load_classwise",
+    "AUTOATTACK_METRICS", "BEST_EPOCH", "BEST_METRICS", "CHECKLIST_TITLE", "CIFAR10_CLASSES",
+    "CLASSWISE_KINDS", "CLASS_DIRECTION_COLUMNS", "CLASS_DIRECTION_KEYS", "CONFIG_KEYS",
+    "CONFIG_PARAMS", "CheckItem", "DEFAULT_SELECTION_METRIC", "DETECTABLE_TARGET",
+    "DIRECTION_COLUMNS", "DIRECTION_METHOD", "DIRECTION_METRICS", "FACTORS",
+    "FASHION_MNIST_CLASSES", "IMPORTANCE_COLUMNS", "LOWER_IS_BETTER", "MASKING_GAP",
+    "MASKING_TEXT", "MASKING_TITLE", "METHOD_LABELS", "METHOD_ORDER", "METRICS",
+    "METRIC_LABELS", "MIN_SEEDS", "NA", "NothingToAnalyse", "REFERENCE", "ROBUST_OVERFIT_GAP",
+    "SCENARIO_PARAMS", "StudiesUnavailable", "StudyAnalysis", "Summary", "SweepNotFound",
+    "SweepRuns", "TIDY_COLUMNS", "VIEWS_DIR", "aggregate", "analyse_studies", "analyze",
+    "best_confirmed", "best_flags", "best_metrics", "best_name", "build_checklist",
+    "cell_importances", "cell_wilson", "class_direction_table", "class_means_at_last",
+    "class_means_by_epoch", "class_names", "classwise_table", "configs_frame", "configs_table",
+    "coverage", "coverage_notes", "describe_scenario", "detectable_effect", "direction_frame",
+    "direction_means", "direction_tables", "empty_class_directions", "empty_directions",
+    "factor_series", "holm", "holm_tables", "importance_table", "load_classwise",
     "load_directions", "load_sweep", "mark_fronts", "masking_alarms", "method_key",
-    "method_label", "n_confirmed_configs", "normalise_runs", "nothing_message", "open_studies",
-    "paired_test", "paired_tests", "pareto_by_scenario", "pareto_front", "plot_caat_directions",
-    "plot_classwise", "plot_importance", "plot_pareto_configs", "plot_tradeoff",
-    "plot_vs_factor", "reported_metrics", "runs_frame", "safe_name", "save_scenario_figure",
-    "scenario_table", "select_runs", "several_configs_notes", "summarize", "tex_escape",
-    "to_html", "to_latex", "to_markdown", "varied_factors", "violation", "write_outputs",
-    "write_plots", "write_study_tables", "write_views",
+    "method_label", "min_detectable_difference", "n_confirmed_configs", "normalise_runs",
+    "nothing_message", "open_studies", "paired_test", "paired_tests", "pareto_by_scenario",
+    "pareto_front", "plot_caat_directions", "plot_classwise", "plot_importance",
+    "plot_pareto_configs", "plot_tradeoff", "plot_vs_factor", "reported_metrics",
+    "run_classwise_table", "runs_frame", "safe_name", "save_scenario_figure", "scenario_table",
+    "select_runs", "several_configs_notes", "summarize", "t_interval", "tex_escape", "to_html",
+    "to_latex", "to_markdown", "varied_factors", "violation", "wilson_interval",
+    "write_outputs", "write_plots", "write_study_tables", "write_views",
 ]

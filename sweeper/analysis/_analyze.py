@@ -7,6 +7,7 @@ from pathlib import Path
 from sweeper.analysis._configs import configs_frame
 from sweeper.analysis._direction_plots import plot_caat_directions
 from sweeper.analysis._directions import load_directions
+from sweeper.analysis._html import to_html
 from sweeper.analysis._load import load_classwise, load_sweep
 from sweeper.analysis._model import REFERENCE, StudyAnalysis, Summary
 from sweeper.analysis._optuna import analyse_studies
@@ -18,7 +19,7 @@ from sweeper.analysis._plots import (
     safe_name,
     varied_factors,
 )
-from sweeper.analysis._render import to_html, to_latex, to_markdown
+from sweeper.analysis._render import to_latex, to_markdown
 from sweeper.analysis._stats import select_runs
 from sweeper.analysis._summary import summarize
 from sweeper.contract import resolve_tracking_uri
@@ -69,6 +70,9 @@ def write_outputs(summary: Summary, out: str | Path, title: str = "") -> list[Pa
     files.append(out / "summary.csv")
     summary.classwise.to_csv(out / "classwise.csv", index=False, float_format="%.10g")
     files.append(out / "classwise.csv")
+    # Each selected run's per-class accuracies with their Wilson intervals (worst class marked).
+    summary.run_classwise.to_csv(out / "classwise_runs.csv", index=False, float_format="%.10g")
+    files.append(out / "classwise_runs.csv")
     selected = summary.selected
     # Which config a confirmation run re-ran, once some run says (sweeps before several
     # objectives did not: their file keeps its columns).

@@ -34,6 +34,12 @@ from sweeper.contract import (
 SCENARIO_PARAMS = {"scenario.noise_type": "noise_type", "scenario.noise_rate": "noise_rate",
                    "scenario.imbalance_ratio": "imbalance_ratio", "dataset.name": "dataset",
                    "method.eps": "eps", "eval.steps": "eval_steps", "eval.eps": "eval_eps"}
+# Config params the reviewer's checklist reads (`sweeper.analysis._checklist`): AutoAttack's
+# version, the training budget, a warm start, and how the best checkpoint was chosen. Runs of
+# older sweeps lack some: their columns are empty and the checklist says "unknown".
+CONFIG_PARAMS = {"eval.autoattack": "eval_autoattack", "init.erm_epochs": "init_erm_epochs",
+                 "optim.epochs": "optim_epochs", "init.checkpoint": "init_checkpoint",
+                 "eval.keep_best": "eval_keep_best", "eval.best_metric": "eval_best_metric"}
 
 
 def _check_store(uri: str) -> None:
@@ -119,7 +125,7 @@ def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
             "error": tags.get("error"),
             "tuned_by": tags.get(TUNED_BY_TAG),
         }
-        for param, column in SCENARIO_PARAMS.items():
+        for param, column in {**SCENARIO_PARAMS, **CONFIG_PARAMS}.items():
             row[column] = run.data.params.get(param)
         # run.data.metrics holds each metric's latest value: the last step's.
         row.update(run.data.metrics)
@@ -128,7 +134,8 @@ def runs_frame(runs: Iterable[Any]) -> pd.DataFrame:
                                                           "trial_id", "cell", "scenario",
                                                           "method", "seed", "phase", "outcome",
                                                           "error", "tuned_by",
-                                                          *SCENARIO_PARAMS.values()])
+                                                          *SCENARIO_PARAMS.values(),
+                                                          *CONFIG_PARAMS.values()])
     return normalise_runs(frame)
 
 
@@ -147,7 +154,8 @@ def normalise_runs(runs: pd.DataFrame) -> pd.DataFrame:
         runs["cell"] = runs["cell"].where(runs["cell"].notna(),
                                           runs["scenario"].astype(str) + "/" + runs["method"])
     runs["phase"] = runs["phase"].fillna("tune")
-    for column in ("seed", "noise_rate", "imbalance_ratio", "eps", "eval_steps", "eval_eps"):
+    for column in ("seed", "noise_rate", "imbalance_ratio", "eps", "eval_steps", "eval_eps",
+                   "init_erm_epochs", "optim_epochs"):
         if column in runs:
             runs[column] = pd.to_numeric(runs[column], errors="coerce")
     return runs

@@ -10,6 +10,7 @@ import pandas as pd
 
 from sweeper.analysis._directions import empty_class_directions, empty_directions
 from sweeper.contract import (
+    AUTOATTACK_METRICS,
     DEFAULT_SELECTION_METRIC,
     PGD_AUTOATTACK_GAP,
     REPORT_METRICS,
@@ -18,9 +19,61 @@ from trainables.errors import ConfigError
 
 # Test-split metrics reported per scenario x method, in table order.
 METRICS = REPORT_METRICS
-# Best per column is the largest accuracy but the smallest spread / gap.
-LOWER_IS_BETTER = frozenset({"test_class_natural_acc_std", "test_boundary_error",
-                             PGD_AUTOATTACK_GAP})
+
+# Best and last checkpoints: beside each last-epoch `test_<m>`, trials that keep the weights of
+# their best epoch by a validation metric report the same metric of those weights as
+# `test_best_<m>`, and `best_epoch`. The names are derived here rather than read from the
+# contract, so that runs from before them (and a contract without them) still analyse.
+LAST_PREFIX, BEST_PREFIX = "test_", "test_best_"
+BEST_EPOCH = "best_epoch"
+# Per run: test_best_robust_acc - test_robust_acc, what robust overfitting cost the last epoch.
+ROBUST_OVERFIT_GAP = "robust_overfit_gap"
+
+
+def best_name(metric: str) -> str:
+    """"test_robust_acc" -> "test_best_robust_acc"."""
+    if not metric.startswith(LAST_PREFIX) or metric.startswith(BEST_PREFIX):
+        raise ValueError(f"{metric!r}: only a last-epoch test metric has a best twin")
+    return BEST_PREFIX + metric.removeprefix(LAST_PREFIX)
+
+
+def last_name(metric: str) -> str:
+    """"test_best_robust_acc" -> "test_robust_acc"; a last-epoch name stays as it is."""
+    return (LAST_PREFIX + metric.removeprefix(BEST_PREFIX) if metric.startswith(BEST_PREFIX)
+            else metric)
+
+
+BEST_METRICS = tuple(best_name(m) for m in (*METRICS, *AUTOATTACK_METRICS))
+# The metrics of the best-checkpoint block that are not a twin: no paired test, no Holm.
+BEST_ONLY = (ROBUST_OVERFIT_GAP, BEST_EPOCH)
+
+
+def checkpoint_of(metric: str) -> str:
+    """Which weights a table metric measures: "best" (the best epoch by validation) or "last"."""
+    return "best" if metric.startswith(BEST_PREFIX) or metric in BEST_ONLY else "last"
+
+
+def is_autoattack(metric: str) -> bool:
+    return last_name(metric) in AUTOATTACK_METRICS
+
+
+# Best per column is the largest accuracy but the smallest spread / gap; the best epoch is
+# no quality and gets no mark.
+_LOWER = ("test_class_natural_acc_std", "test_boundary_error", PGD_AUTOATTACK_GAP)
+LOWER_IS_BETTER = frozenset({*_LOWER, *map(best_name, _LOWER), ROBUST_OVERFIT_GAP})
+UNRANKED = frozenset({BEST_EPOCH})
+
+# The masking alarm: a cell whose PGD robust accuracy exceeds its AutoAttack accuracy on the
+# same test images by more than this (a fraction, mean over seeds). AutoAttack is the
+# stronger attack, so a point or so below PGD is expected of any model; several points mean
+# PGD's gradients mislead it (gradient masking), and its number overstates robustness.
+MASKING_GAP = 0.03
+MASKING_TITLE = "possible gradient masking"
+MASKING_TEXT = (f"In these cells PGD's robust accuracy exceeds AutoAttack's on the same test "
+                f"images by more than {100 * MASKING_GAP:g} points (mean over seeds). "
+                "AutoAttack's authors (Croce and Hein, ICML 2020) describe such a gap as the "
+                "sign of gradient masking: PGD overstates the robustness of these models. "
+                "Read their robustness from the AutoAttack columns.")
 
 REFERENCE = "trades"
 
@@ -72,6 +125,19 @@ class StudyAnalysis:
 
 
 @dataclass
+class CheckItem:
+    """One line of the reviewer's checklist: what is checked, whether the sweep meets it
+    ("met", "not met", or "unknown" when its runs cannot tell) and the figure behind that."""
+
+    name: str
+    status: str
+    figure: str
+
+    def line(self) -> str:
+        return f"[{self.status}] {self.name}: {self.figure}"
+
+
+@dataclass
 class Summary:
     tidy: pd.DataFrame  # one row per scenario x method x metric (raw fractions)
     selected: pd.DataFrame  # the runs that built it
@@ -84,6 +150,13 @@ class Summary:
     class_directions: pd.DataFrame = field(default_factory=empty_class_directions)
     # The metrics the tables show, in order: METRICS, then AutoAttack's when runs carry them.
     metrics: tuple[str, ...] = METRICS
+    # The best-checkpoint block's metrics (`test_best_*` twins, ROBUST_OVERFIT_GAP,
+    # BEST_EPOCH), those some selected run carries; empty for runs without a best checkpoint.
+    best_metrics: tuple[str, ...] = ()
+    # Per selected run, class and kind: accuracy, images and Wilson interval (classwise_runs).
+    run_classwise: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # The reviewer's checklist (`sweeper.analysis._checklist`), in its order.
+    checklist: list[CheckItem] = field(default_factory=list)
     # One line per cell whose PGD - AutoAttack gap says gradient masking (`masking_alarms`).
     masking: list[str] = field(default_factory=list)
     # The Optuna studies' importances and config fronts; None when the sweep has no studies.

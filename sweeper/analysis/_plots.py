@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sweeper.analysis._classwise import CLASSWISE_KINDS
 from sweeper.analysis._model import METHOD_ORDER, Summary, method_key, method_label
-from sweeper.analysis._summary import CLASSWISE_KINDS, describe_scenario, pgd_setting
+from sweeper.analysis._summary import describe_scenario, pgd_setting
 
 # The class-wise plot's panels: natural and robust (PGD) always, AutoAttack where runs ran it.
 _PANEL_TITLES = {"natural": "Natural test accuracy per class",
@@ -53,12 +54,21 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "scenario"
 
 
-def _wide_means(summary: Summary) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _wide_means(summary: Summary) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(scenario, method) x metric: the means and their t-interval's bounds over seeds."""
     tidy = summary.tidy
     index = ["scenario", "method"]
-    means = tidy.pivot_table(index=index, columns="metric", values="mean", dropna=False)
-    stds = tidy.pivot_table(index=index, columns="metric", values="std", dropna=False)
-    return means, stds
+    return tuple(tidy.pivot_table(index=index, columns="metric", values=v, dropna=False)
+                 for v in ("mean", "ci_low", "ci_high"))
+
+
+def error_bar(mean: Any, low: Any, high: Any) -> np.ndarray | None:
+    """matplotlib's asymmetric error bar (2 x k: below, above) of t-interval bounds around
+    their means; None when no bound is finite (n = 1), a missing bound drawn as 0."""
+    mean, low, high = (np.atleast_1d(np.asarray(v, float)) for v in (mean, low, high))
+    if not (np.isfinite(low) | np.isfinite(high)).any():
+        return None
+    return np.nan_to_num(np.vstack([mean - low, high - mean]), nan=0.0)
 
 
 def _robust_label(summary: Summary) -> str:
@@ -72,7 +82,7 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
     """Natural vs robust test accuracy, one panel per scenario, the Pareto front drawn."""
     import matplotlib.pyplot as plt
 
-    means, stds = _wide_means(summary)
+    means, lows, highs = _wide_means(summary)
     scenarios = list(summary.scenarios["scenario"])
     styles = _method_styles(summary.tidy["method"])
     ncols = min(3, len(scenarios))
@@ -82,19 +92,16 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
     handles: dict[str, Any] = {}
     for ax, (_, srow) in zip(axes.flat, summary.scenarios.iterrows(), strict=False):
         scenario = srow["scenario"]
-        m = means.loc[scenario]
-        s = stds.loc[scenario]
+        m, lo, hi = (frame.loc[scenario] for frame in (means, lows, highs))
         for method in sorted(m.index, key=method_key):
-            x = 100 * m.at[method, "test_natural_acc"]
-            y = 100 * m.at[method, "test_robust_acc"]
-            xe = 100 * s.at[method, "test_natural_acc"]
-            ye = 100 * s.at[method, "test_robust_acc"]
+            x, y = (100 * m.at[method, k] for k in ("test_natural_acc", "test_robust_acc"))
             if not (np.isfinite(x) and np.isfinite(y)):
                 continue
-            h = ax.errorbar(x, y, xerr=xe if np.isfinite(xe) else None,
-                            yerr=ye if np.isfinite(ye) else None, linestyle="none",
-                            markersize=8, capsize=3, label=method_label(method),
-                            **styles[method])
+            xe, ye = (error_bar(100 * m.at[method, k], 100 * lo.at[method, k],
+                                100 * hi.at[method, k])
+                      for k in ("test_natural_acc", "test_robust_acc"))
+            h = ax.errorbar(x, y, xerr=xe, yerr=ye, linestyle="none", markersize=8, capsize=3,
+                            label=method_label(method), **styles[method])
             handles.setdefault(method_label(method), h)
         front = summary.tidy[summary.tidy["scenario"].eq(scenario) & summary.tidy["pareto"]]
         fm = m.loc[sorted(front["method"].unique())]
@@ -111,7 +118,8 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
         ax.set_ylabel(_robust_label(summary))
         ax.grid(alpha=0.3)
         ax.margins(0.15)
-        # A wide std bar must not stretch an axis past what an accuracy can be.
+        # A wide interval (n = 2 has t = 12.7) must not stretch an axis past what an
+        # accuracy can be.
         ax.set_xlim(max(ax.get_xlim()[0], 0), min(ax.get_xlim()[1], 100))
         ax.set_ylim(max(ax.get_ylim()[0], 0), min(ax.get_ylim()[1], 100))
         if not any(np.isfinite(m.get("test_natural_acc", pd.Series(dtype=float)))):
@@ -123,8 +131,8 @@ def plot_tradeoff(summary: Summary, path: Path) -> Path:
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="lower center",
                    ncol=min(len(handles), 8), frameon=False)
-    fit_title(fig, "Natural vs robust test accuracy (mean ± std over seeds; upper right is "
-              "better)")
+    fit_title(fig, "Natural vs robust test accuracy (mean and 95% t-interval over seeds; "
+              "upper right is better)")
     # Leave half an inch at the bottom for the shared legend.
     fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.8), 1, 1))
     fig.savefig(path, dpi=110)
@@ -144,7 +152,9 @@ def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
     """Per-class natural and robust (and AutoAttack) test accuracy, grouped bars per method."""
     import matplotlib.pyplot as plt
 
-    data = summary.classwise[summary.classwise["scenario"].eq(scenario)]
+    # The last epoch's weights, like the tables' first block.
+    data = summary.classwise[summary.classwise["scenario"].eq(scenario)
+                             & summary.classwise["checkpoint"].eq("last")]
     if not len(data):
         return None
     methods = sorted(data["method"].unique(), key=method_key)
@@ -242,7 +252,7 @@ def plot_vs_factor(summary: Summary, factor: str, path: Path) -> Path | None:
     groups = factor_series(summary.scenarios, factor)
     if not groups:
         return None
-    means, stds = _wide_means(summary)
+    means, lows, highs = _wide_means(summary)
     styles = _method_styles(summary.tidy["method"])
     xlabel, scale = FACTORS[factor]
     factors = summary.scenarios.set_index("scenario")[factor]
@@ -269,8 +279,9 @@ def plot_vs_factor(summary: Summary, factor: str, path: Path) -> Path | None:
                     xs + 0.006 * span * dodge)
                 xs = xs * scale
                 ys = 100 * means.loc[keys, metric].to_numpy(float)
-                es = 100 * stds.loc[keys, metric].to_numpy(float)
-                h = ax.errorbar(xs, ys, yerr=np.where(np.isfinite(es), es, 0), capsize=3,
+                es = error_bar(ys, 100 * lows.loc[keys, metric].to_numpy(float),
+                               100 * highs.loc[keys, metric].to_numpy(float))
+                h = ax.errorbar(xs, ys, yerr=es, capsize=3,
                                 linestyle=linestyles[g % len(linestyles)], markersize=6,
                                 **styles[method])
                 name = method_label(method) + (f" ({label})" if len(groups) > 1 else "")
@@ -290,8 +301,8 @@ def plot_vs_factor(summary: Summary, factor: str, path: Path) -> Path | None:
         fig.legend(handles.values(), handles.keys(), loc="lower center",
                    ncol=min(len(handles), 4 if len(groups) > 1 else 7), frameon=False)
     where = "" if len(groups) > 1 else f" ({next(iter(groups))})"
-    fit_title(fig, f"Test accuracy against {xlabel.split(' (')[0]}{where}; mean ± std over "
-              "seeds")
+    fit_title(fig, f"Test accuracy against {xlabel.split(' (')[0]}{where}; mean and 95% "
+              "t-interval over seeds")
     rows_legend = math.ceil(len(handles) / (4 if len(groups) > 1 else 7))
     fig.tight_layout(rect=(0, 0.035 * rows_legend + 0.01, 1, 1))
     fig.savefig(path, dpi=110)

@@ -1,6 +1,7 @@
-"""Pure pandas on the runs table: coverage, the runs that count, seed aggregates, paired
-tests against the reference, Pareto fronts, best flags. Only finished runs count: pruned and
-failed trials never enter a table."""
+"""Pure pandas on the runs table: coverage, the runs that count, seed aggregates with their
+t-intervals, paired tests against the reference (with the difference's interval, the smallest
+difference they could detect, and Holm's adjustment per table), Pareto fronts, best flags.
+Only finished runs count: pruned and failed trials never enter a table."""
 
 from __future__ import annotations
 
@@ -11,7 +12,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweeper.analysis._model import LOWER_IS_BETTER, METRICS, REFERENCE
+from sweeper.analysis._intervals import holm, min_detectable_difference, t_interval
+from sweeper.analysis._model import (
+    BEST_METRICS,
+    BEST_ONLY,
+    LOWER_IS_BETTER,
+    METRICS,
+    REFERENCE,
+    ROBUST_OVERFIT_GAP,
+    UNRANKED,
+    best_name,
+    checkpoint_of,
+    is_autoattack,
+)
 from sweeper.contract import AUTOATTACK_METRICS, RUN_STATES, run_state
 
 
@@ -97,31 +110,55 @@ def reported_metrics(selected: pd.DataFrame) -> tuple[str, ...]:
     return (*METRICS, *(m for m in AUTOATTACK_METRICS if _has(selected, m)))
 
 
+def best_metrics(selected: pd.DataFrame) -> tuple[str, ...]:
+    """The best-checkpoint block's metrics, each only when some selected run carries it: the
+    `test_best_*` twins, the robust-overfitting gap, the best epoch."""
+    return tuple(m for m in (*BEST_METRICS, *BEST_ONLY) if _has(selected, m))
+
+
+def with_overfit_gap(selected: pd.DataFrame) -> pd.DataFrame:
+    """`selected` with ROBUST_OVERFIT_GAP per run (best-checkpoint minus last-epoch robust
+    accuracy; NaN for a run without either), when some run has a best checkpoint."""
+    best = best_name("test_robust_acc")
+    if not _has(selected, best):
+        return selected
+    return selected.assign(**{ROBUST_OVERFIT_GAP: numeric(selected, best)
+                              - numeric(selected, "test_robust_acc")})
+
+
 def aggregate(selected: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
-    """Mean, sample std (NaN for n = 1) and n over a cell's selected runs, per metric."""
+    """Mean, sample std (NaN for n = 1), n and the 95% t-interval of the mean (`ci_low`,
+    `ci_high`; NaN for n = 1) over a cell's selected runs, per metric."""
     rows = []
     for (scenario, method), group in selected.groupby(["scenario", "method"], sort=False):
         for metric in metrics:
             values = numeric(group, metric).dropna().to_numpy(float)
             n = len(values)
+            low, high = t_interval(values)
             rows.append({
                 "scenario": scenario, "method": method, "metric": metric,
                 "mean": float(values.mean()) if n else math.nan,
                 "std": float(values.std(ddof=1)) if n >= 2 else math.nan,
-                "n": n, "source": group["source"].iloc[0],
+                "n": n, "ci_low": low, "ci_high": high, "source": group["source"].iloc[0],
             })
     return pd.DataFrame(rows, columns=["scenario", "method", "metric", "mean", "std", "n",
-                                       "source"])
+                                       "ci_low", "ci_high", "source"])
+
+
+# What a paired comparison reports (besides its note); NaN where it cannot be computed.
+_TEST_FIELDS = ("mean_diff", "diff_ci_low", "diff_ci_high", "t", "p", "min_detectable_diff")
 
 
 def paired_test(values: pd.Series, reference: pd.Series) -> dict[str, Any]:
-    """Paired t-test of values - reference over the seeds both have (index = seed)."""
+    """Paired t-test of values - reference over the seeds both have (index = seed), with the
+    95% t-interval of the mean difference (`diff_ci_low`, `diff_ci_high`) and the smallest
+    true difference this test would detect with 80% power at its n and the observed sd of
+    the differences (`min_detectable_diff`, two-sided, alpha 0.05)."""
     from scipy import stats
 
     pairs = pd.concat([values.rename("a"), reference.rename("b")], axis=1).dropna()
     n = len(pairs)
-    out: dict[str, Any] = {"n_pairs": n, "mean_diff": math.nan, "t": math.nan, "p": math.nan,
-                           "note": ""}
+    out: dict[str, Any] = {"n_pairs": n, **dict.fromkeys(_TEST_FIELDS, math.nan), "note": ""}
     if n:
         out["mean_diff"] = float((pairs["a"] - pairs["b"]).mean())
     if n < 2:
@@ -129,10 +166,14 @@ def paired_test(values: pd.Series, reference: pd.Series) -> dict[str, Any]:
         return out
     diff = (pairs["a"] - pairs["b"]).to_numpy(float)
     # Identical differences on every seed leave t undefined (0/0, or x/0 = inf with a
-    # precision warning from scipy); report that instead of an infinite t.
+    # precision warning from scipy); report that instead of an infinite t. The interval and
+    # the detectable difference would be zero-wide, which no reader should take for
+    # certainty: they are left out too.
     if diff.std(ddof=1) <= 1e-12 * max(1.0, abs(diff.mean())):
         out["note"] = "differences identical on every seed: t undefined"
         return out
+    out["diff_ci_low"], out["diff_ci_high"] = t_interval(diff)
+    out["min_detectable_diff"] = min_detectable_difference(float(diff.std(ddof=1)), n)
     res = stats.ttest_rel(pairs["a"].to_numpy(float), pairs["b"].to_numpy(float))
     out["t"], out["p"] = float(res.statistic), float(res.pvalue)
     return out
@@ -140,15 +181,18 @@ def paired_test(values: pd.Series, reference: pd.Series) -> dict[str, Any]:
 
 def paired_tests(selected: pd.DataFrame, reference: str = REFERENCE,
                  metrics: Sequence[str] = METRICS) -> pd.DataFrame:
-    """Each method minus the reference in the same scenario, paired by seed, per metric."""
+    """Each method minus the reference in the same scenario, paired by seed, per metric,
+    with Holm's adjustment per table (`holm_tables`). The best checkpoint's own metrics
+    (robust-overfitting gap, best epoch) are not compared."""
     rows = []
+    metrics = [m for m in metrics if m not in BEST_ONLY]
     for scenario, group in selected.groupby("scenario", sort=False):
         ref = group[group["method"].eq(reference)]
         for method, runs in group.groupby("method", sort=False):
             if method == reference:
                 continue
             for metric in metrics:
-                empty = {"n_pairs": 0, "mean_diff": math.nan, "t": math.nan, "p": math.nan}
+                empty = {"n_pairs": 0, **dict.fromkeys(_TEST_FIELDS, math.nan)}
                 if not len(ref):
                     res = {**empty, "note": f"no {reference} runs in this scenario"}
                 elif "best tune" in set(runs["source"]) | set(ref["source"]):
@@ -156,16 +200,30 @@ def paired_tests(selected: pd.DataFrame, reference: str = REFERENCE,
                     # another cell's best run by seed would be an invented comparison.
                     res = {**empty, "note": "no confirmation runs (one best tuning run per "
                                             "cell): paired test not applicable"}
-                elif metric in AUTOATTACK_METRICS and not (_has(runs, metric)
-                                                           and _has(ref, metric)):
+                elif is_autoattack(metric) and not (_has(runs, metric) and _has(ref, metric)):
                     # Say why plainly, not as "0 pairs": these runs did not run AutoAttack.
                     res = {**empty, "note": "no AutoAttack metrics in its runs or the "
                                             f"{reference} runs: AutoAttack not compared"}
                 else:
                     res = paired_test(_by_seed(runs, metric), _by_seed(ref, metric))
-                rows.append({"scenario": scenario, "method": method, "metric": metric, **res})
-    return pd.DataFrame(rows, columns=["scenario", "method", "metric", "mean_diff", "t", "p",
-                                       "n_pairs", "note"])
+                rows.append({"scenario": scenario, "method": method, "metric": metric,
+                             "checkpoint": checkpoint_of(metric), **res})
+    columns = ["scenario", "method", "metric", "checkpoint", *_TEST_FIELDS, "n_pairs", "note"]
+    return holm_tables(pd.DataFrame(rows, columns=columns))
+
+
+def holm_tables(tests: pd.DataFrame) -> pd.DataFrame:
+    """`tests` with `p_holm` and `holm_n`: Holm's adjustment over the comparisons of one
+    table, i.e. of one scenario and one checkpoint (last epoch, or best by validation): every
+    method against the reference in every metric of that table that has a p-value.
+
+    The family is the table a reader scans for significant cells, so that is the set whose
+    familywise error Holm controls; `holm_n` is its size (NaN p-values are no comparison)."""
+    tests = tests.assign(p_holm=math.nan, holm_n=0)
+    for _key, group in tests.groupby(["scenario", "checkpoint"], sort=False):
+        tests.loc[group.index, "p_holm"] = holm(group["p"].to_numpy(float))
+        tests.loc[group.index, "holm_n"] = int(group["p"].notna().sum())
+    return tests
 
 
 def _has(runs: pd.DataFrame, metric: str) -> bool:
@@ -217,6 +275,8 @@ def best_flags(agg: pd.DataFrame) -> pd.Series:
     flags = pd.Series(False, index=agg.index, name="best")
     for (_scenario, metric), group in agg.groupby(["scenario", "metric"], sort=False):
         means = group["mean"].dropna()
+        if metric in UNRANKED:
+            continue
         if not len(means):
             continue
         target = means.min() if metric in LOWER_IS_BETTER else means.max()

@@ -1,23 +1,34 @@
-"""The whole analysis on plain data: SweepRuns -> Summary (the tidy table, the scenarios,
-the class-wise means, the notes), and how scenarios are described."""
+"""The whole analysis on plain data: SweepRuns -> Summary (the tidy table with its intervals,
+the scenarios, the class-wise means, the notes, the reviewer's checklist), and how scenarios
+are described."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from sweeper.analysis._checklist import build_checklist
+from sweeper.analysis._classwise import (
+    cell_wilson,
+    classwise_table,
+    count_notes,
+    run_classwise_table,
+)
 from sweeper.analysis._directions import direction_tables
 from sweeper.analysis._model import (
+    MASKING_GAP,
     REFERENCE,
     NothingToAnalyse,
     Summary,
     SweepRuns,
+    checkpoint_of,
     method_key,
     method_label,
 )
 from sweeper.analysis._stats import (
     aggregate,
     best_flags,
+    best_metrics,
     cells_without_test_metrics,
     coverage,
     n_confirmed_configs,
@@ -25,20 +36,20 @@ from sweeper.analysis._stats import (
     pareto_by_scenario,
     reported_metrics,
     select_runs,
+    with_overfit_gap,
 )
 from sweeper.contract import AUTOATTACK_ACC, PGD_AUTOATTACK_GAP, RUN_STATES
 
-# The masking alarm: a cell whose PGD robust accuracy exceeds its AutoAttack accuracy on the
-# same test images by more than this (a fraction, mean over seeds). AutoAttack is the
-# stronger attack, so a point or so below PGD is expected of any model; several points mean
-# PGD's gradients mislead it (gradient masking), and its number overstates robustness.
-MASKING_GAP = 0.03
-MASKING_TITLE = "possible gradient masking"
-MASKING_TEXT = (f"In these cells PGD's robust accuracy exceeds AutoAttack's on the same test "
-                f"images by more than {100 * MASKING_GAP:g} points (mean over seeds). "
-                "AutoAttack's authors (Croce and Hein, ICML 2020) describe such a gap as the "
-                "sign of gradient masking: PGD overstates the robustness of these models. "
-                "Read their robustness from the AutoAttack columns.")
+# summary.csv's columns. ci_*: the 95% t-interval of the mean over seeds; wilson_*: one
+# run's Wilson 95% binomial interval at the mean, on wilson_n test images; diff_*: the paired
+# difference from the reference and its 95% t-interval; p_holm: p Holm-adjusted over the
+# holm_n comparisons of its table (scenario x checkpoint); min_detectable_diff: the smallest
+# difference that paired test detects with 80% power.
+TIDY_COLUMNS = ["scenario", "noise_type", "noise_rate", "imbalance_ratio", "method", "metric",
+                "checkpoint", "mean", "std", "n", "ci_low", "ci_high", "wilson_low",
+                "wilson_high", "wilson_n", "source", "best", "pareto", "mean_diff",
+                "diff_ci_low", "diff_ci_high", "t", "p", "p_holm", "holm_n",
+                "min_detectable_diff", "n_pairs", "note"]
 
 
 def scenario_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -108,14 +119,21 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     notes.extend(coverage_notes(cov, selected))
     notes.extend(several_configs_notes(runs, selected, sweep.metric))
 
-    metrics = reported_metrics(selected)
-    agg = aggregate(selected, metrics)
+    notes.extend(count_notes(selected, sweep.classwise))
+
+    selected = with_overfit_gap(selected)
+    metrics, best = reported_metrics(selected), best_metrics(selected)
+    table_metrics = (*metrics, *best)
+    run_table = run_classwise_table(selected, sweep.classwise)
+    agg = cell_wilson(aggregate(selected, table_metrics), run_table)
+    agg["checkpoint"] = agg["metric"].map(checkpoint_of)
     agg["best"] = best_flags(agg)
     front = pareto_by_scenario(agg)
     agg = agg.merge(front[["scenario", "method", "pareto"]], on=["scenario", "method"])
-    tests = paired_tests(selected, reference, metrics)
+    tests = paired_tests(selected, reference, table_metrics).drop(columns="checkpoint")
     tidy = agg.merge(tests, on=["scenario", "method", "metric"], how="left")
-    tidy["n_pairs"] = tidy["n_pairs"].astype("Int64")
+    for column in ("n_pairs", "holm_n"):
+        tidy[column] = tidy[column].astype("Int64")
     is_ref = tidy["method"].eq(reference)
     tidy.loc[is_ref, "note"] = "reference"
 
@@ -125,7 +143,8 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     tuned_only = set(selected.loc[selected["source"].eq("best tune"), "cell"])
     if tuned_only - set(untested):
         notes.append("cells without confirmation runs report their best tuning run (n = 1, by "
-                     f"{sweep.metric}): std and paired tests are not applicable there")
+                     f"{sweep.metric}): std, intervals and paired tests are not applicable "
+                     "there")
     if untested:
         notes.append(f"{', '.join(untested)}: tuning runs skip the test split "
                      "(confirm.tune_test: false): confirmation pending, test metrics n/a (n = 0)")
@@ -135,19 +154,19 @@ def summarize(sweep: SweepRuns, reference: str = REFERENCE) -> Summary:
     order_s = {s: i for i, s in enumerate(scenarios["scenario"])}
     tidy["_s"] = tidy["scenario"].map(order_s)
     tidy["_m"] = tidy["method"].map(method_key)
-    tidy["_k"] = tidy["metric"].map(metrics.index)
+    tidy["_k"] = tidy["metric"].map(table_metrics.index)
     tidy = tidy.sort_values(["_s", "_m", "_k"]).drop(columns=["_s", "_m", "_k"])
     masking = masking_alarms(tidy)
-    columns = ["scenario", "noise_type", "noise_rate", "imbalance_ratio", "method", "metric",
-               "mean", "std", "n", "source", "best", "pareto", "mean_diff", "t", "p", "n_pairs",
-               "note"]
-    tidy = tidy[columns].rename(columns={"mean_diff": f"diff_vs_{reference}",
-                                         "note": "test_note"}).reset_index(drop=True)
+    tidy = tidy[TIDY_COLUMNS].rename(columns={"mean_diff": f"diff_vs_{reference}",
+                                              "note": "test_note"}).reset_index(drop=True)
     classwise = classwise_table(selected, sweep.classwise)
     directions, class_directions = direction_tables(sweep, selected)
+    checklist = build_checklist(sweep.objectives or [(sweep.metric, sweep.mode)], selected,
+                                tidy, sweep.classwise, reference)
     return Summary(tidy=tidy, selected=selected, scenarios=scenarios, classwise=classwise,
                    notes=notes, reference=reference, directions=directions,
-                   class_directions=class_directions, metrics=metrics, masking=masking)
+                   class_directions=class_directions, metrics=metrics, masking=masking,
+                   best_metrics=best, run_classwise=run_table, checklist=checklist)
 
 
 def masking_alarms(tidy: pd.DataFrame) -> list[str]:
@@ -220,29 +239,3 @@ def coverage_notes(cov: pd.DataFrame, selected: pd.DataFrame) -> list[str]:
             notes.append(f"{state} trials in analysed cells (not counted): "
                          + ", ".join(f"{cell} ({n})" for cell, n in counts.items()))
     return notes
-
-
-# The per-class test accuracies classwise.csv and the class-wise plots show.
-CLASSWISE_KINDS = ("natural", "robust", "autoattack")
-
-
-def classwise_table(selected: pd.DataFrame,
-                    classwise: dict[str, dict[str, list[float]]]) -> pd.DataFrame:
-    """Mean per-class test accuracies over a cell's selected runs (runs without the artifact
-    are left out of that cell's mean)."""
-    rows = []
-    for (scenario, method), group in selected.groupby(["scenario", "method"], sort=False):
-        lists = [classwise[r] for r in group["run_id"] if r in classwise]
-        if not lists:
-            continue
-        # AutoAttack's lists exist only where runs ran it: no rows (and no panel) otherwise.
-        for kind in CLASSWISE_KINDS:
-            key = f"test_class_{kind}_acc"
-            arrays = [np.asarray(c[key], float) for c in lists if key in c]
-            if not arrays or len({a.shape for a in arrays}) != 1:
-                continue
-            mean = np.mean(arrays, axis=0)
-            for cls, value in enumerate(mean):
-                rows.append({"scenario": scenario, "method": method, "kind": kind,
-                             "class": cls, "mean": float(value), "n": len(arrays)})
-    return pd.DataFrame(rows, columns=["scenario", "method", "kind", "class", "mean", "n"])

@@ -30,6 +30,15 @@ def store(tmp_path_factory):
     return build_autoattack_store(tmp_path_factory.mktemp("mlflow-aa"))
 
 
+def ci_text(values) -> str:
+    """'mean [low, high]' in % as the tables print it, from scipy's t-interval."""
+    from scipy import stats
+
+    x = np.asarray(values, float)
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    return f"{100 * x.mean():.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+
+
 def _analyze(store, name, out, capsys):
     assert main(["analyze", name, "--out", str(out), "--tracking-uri", store]) == 0
     return capsys.readouterr().err
@@ -62,13 +71,25 @@ def test_autoattack_columns_and_the_alarm(store, tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert _header(md) == BASE_HEADERS + AA_HEADERS
     assert _row(md, "ERM")[-3:] == ["n/a"] * 3
-    # The gap is lower-is-better: TRADES's 1 point is the column's best, in bold.
-    assert _row(md, "TRADES")[-1] == "**1.00 ± 1.00**"
-    assert _row(md, "CAAT")[-3:] == ["37.00 ± 1.00", "17.00 ± 2.00", "5.00 ± 1.00"]
+    # The gap is lower-is-better: TRADES's 1 point is the column's best, in bold (its
+    # t-interval reaches below 0: three seeds of a 1-point gap).
+    assert _row(md, "TRADES")[-1] == "**1.00 [-1.48, 3.48]**"
+    assert _row(md, "TRADES")[-1] == f"**{ci_text([s[AA_KEYS[2]] for s in AA_CONFIRM['trades']])}**"
+    assert _row(md, "CAAT")[-3:] == [ci_text([s[k] for s in AA_CONFIRM["caat"]])
+                                     for k in AA_KEYS]
     assert "PGD-AA gap: PGD's robust accuracy minus AutoAttack's" in md
-    # Differences from TRADES in the AutoAttack columns too, paired by seed.
+    # Differences from TRADES in the AutoAttack columns too, paired by seed: AutoAttack's
+    # differences are -4 points on every seed (no test, no interval); the worst class's are
+    # -5, -4, -3 (mean -4, sd 1, t = -4 sqrt 3 with 2 df: p = 1 - |t| / sqrt(2 + t^2)).
     diff = next(line for line in md.splitlines() if line.startswith("| CAAT | 3 |"))
-    assert diff.endswith("| -4.00 | -4.00 (p=0.020) | +4.00 |")
+    tests = pd.read_csv(out / "summary.csv").set_index(["method", "metric"])
+    holm = tests.at[("caat", AA_KEYS[1]), "p_holm"]
+    assert diff.endswith(f"| -4.00 | -4.00 [-6.48, -1.52] (p=0.020, Holm {holm:.3f}) "
+                         "| +4.00 |")
+    t = -4 * 3 ** 0.5
+    assert tests.at[("caat", AA_KEYS[1]), "p"] == pytest.approx(1 - abs(t) / (2 + t * t) ** .5)
+    assert tests.at[("caat", AA_KEYS[1]), "diff_ci_low"] == pytest.approx(
+        -0.04 - 4.302652729911275 * 0.01 / 3 ** 0.5)
     assert "- ERM: no AutoAttack metrics in its runs or the trades runs: AutoAttack not " \
            "compared" in md
     assert "have 0" not in md
@@ -105,12 +126,17 @@ def test_a_sweep_without_autoattack_has_no_columns_and_no_alarm(store, tmp_path,
     err = _analyze(store, "noaa", out, capsys)
     md = (out / "summary.md").read_text()
     assert _header(md) == BASE_HEADERS
-    assert "AutoAttack" not in md and "masking" not in md and "warning" not in err
+    # Only the checklist speaks of AutoAttack: it was not run, so masking is not checked.
+    checklist, tables = md.split("Test-set metrics in %", 1)
+    assert "[not met] AutoAttack version and images: not run" in checklist
+    assert "[unknown] PGD-AutoAttack gap: no AutoAttack results" in checklist
+    assert "AutoAttack" not in tables and "masking" not in tables and "warning" not in err
     tidy = pd.read_csv(out / "summary.csv")
     assert not tidy["metric"].isin(AA_KEYS).any()
     assert len(tidy) == 3 * len(BASE_HEADERS)
     assert "autoattack" not in set(pd.read_csv(out / "classwise.csv")["kind"])
-    assert "AutoAttack" not in (out / "summary.html").read_text()
+    page = (out / "summary.html").read_text()
+    assert "AutoAttack" not in page.split("</ul>", 1)[1]  # after the checklist
 
 
 @pytest.mark.parametrize("gap, fires", [(0.05, True), (0.01, False), (MASKING_GAP, False),
