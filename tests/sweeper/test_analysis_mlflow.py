@@ -80,6 +80,15 @@ def stats(scenario, method, key):
     return mean, std, n
 
 
+# t(0.975) of Student's t with 1, 2 degrees of freedom (tables): the 95% interval's factor.
+T975 = {1: 12.706204736174704, 2: 4.302652729911275}
+
+
+def half_width(sd: float, n: int) -> float:
+    """Half-width of the 95% t-interval of a mean of n values with sample sd `sd`."""
+    return T975[n - 1] * sd / math.sqrt(n)
+
+
 def t_pvalue(t: float, df: int) -> float:
     """Two-sided p of Student's t, closed forms for 1 and 2 degrees of freedom."""
     if df == 1:
@@ -129,8 +138,10 @@ def pct(x) -> str:
 
 
 def cell_text(scenario, method, key) -> str:
-    mean, std, _ = stats(scenario, method, key)
-    text = pct(mean) if std is None else f"{pct(mean)} ± {pct(std)}"
+    mean, std, n = stats(scenario, method, key)
+    h = None if std is None else half_width(std, n)
+    text = pct(mean) if std is None else (f"{pct(mean)} [{pct(float(mean) - h)}, "
+                                          f"{pct(float(mean) + h)}]")
     return f"**{text}**" if method in best_methods(scenario, key) else text
 
 
@@ -145,13 +156,38 @@ def expected_rows(scenario):
     return rows
 
 
+def holm_by_hand(scenario, method, key):
+    """Holm's p of one comparison, over every comparison with a p in the scenario's table
+    (statsmodels' multipletests), and the table's number of comparisons."""
+    from statsmodels.stats.multitest import multipletests
+
+    family = [(m, k) for s, m in CELLS if s == scenario and m != "trades" for k in METRIC_KEYS
+              if vs_trades(s, m, k)[3] is not None]
+    adjusted = multipletests([vs_trades(scenario, m, k)[3] for m, k in family],
+                             method="holm")[1]
+    return dict(zip(family, adjusted, strict=True)).get((method, key)), len(family)
+
+
+def diff_interval(scenario, method, key):
+    """The 95% t-interval of the mean paired difference (None without a test)."""
+    n, mean, t, _, _ = vs_trades(scenario, method, key)
+    if t is None:
+        return None
+    h = half_width(float(mean) / t * math.sqrt(n), n)  # sd = mean / t * sqrt(n)
+    return float(mean) - h, float(mean) + h
+
+
 def diff_text(scenario, method, key) -> str:
     _, mean, _, p, _ = vs_trades(scenario, method, key)
     if mean is None:
         return "n/a"
     text = f"{100 * float(mean):+.2f}"
     if p is not None:
-        text += " (p<0.001)" if p < 0.001 else f" (p={p:.3f})"
+        low, high = diff_interval(scenario, method, key)
+        holm = holm_by_hand(scenario, method, key)[0]
+        text += f" [{100 * low:+.2f}, {100 * high:+.2f}]"
+        text += " (p<0.001" if p < 0.001 else f" (p={p:.3f}"
+        text += ", Holm <0.001)" if holm < 0.001 else f", Holm {holm:.3f})"
     return text
 
 
@@ -208,8 +244,15 @@ def test_summary_csv_matches_the_hand_computation(analysed):
             assert row["mean"] == pytest.approx(float(mean), abs=1e-9)
             if std is None:
                 assert math.isnan(row["std"])
+                assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
             else:
                 assert row["std"] == pytest.approx(std, abs=1e-9)
+                h = half_width(std, n)
+                assert (row["ci_low"], row["ci_high"]) == pytest.approx(
+                    (float(mean) - h, float(mean) + h), abs=1e-9)
+                assert row["checkpoint"] == "last"
+            # The toy runs carry no per-class image counts: no Wilson interval.
+            assert math.isnan(row["wilson_low"]) and math.isnan(row["wilson_n"])
             assert (row["n"], row["source"]) == (n, source)
             assert row["best"] == (method in best_methods(scenario, key))
             assert row["pareto"] == (method in PARETO[scenario])
@@ -226,7 +269,12 @@ def test_paired_tests_in_the_csv_match_the_hand_computation(analysed):
                 continue
             n_pairs, mean, t, p, note = vs_trades(scenario, method, key)
             assert row["n_pairs"] == n_pairs
-            for column, want in (("diff_vs_trades", mean), ("t", t), ("p", p)):
+            interval = diff_interval(scenario, method, key) or (None, None)
+            holm, family = holm_by_hand(scenario, method, key)
+            assert row["holm_n"] == family
+            for column, want in (("diff_vs_trades", mean), ("t", t), ("p", p),
+                                 ("diff_ci_low", interval[0]), ("diff_ci_high", interval[1]),
+                                 ("p_holm", holm)):
                 if want is None:
                     assert math.isnan(row[column]), (scenario, method, key, column)
                 else:
@@ -247,7 +295,7 @@ def test_the_hand_computation_covers_every_case():
 def test_markdown_tables_print_the_hand_computed_numbers(analysed):
     text = (analysed / "summary.md").read_text()
     tables = md_tables(text)
-    assert list(tables) == SCENARIOS + ["Notes"]
+    assert list(tables) == ["Reviewer's checklist"] + SCENARIOS + ["Notes"]
     for scenario in SCENARIOS:
         assert tables[scenario][0] == expected_rows(scenario), scenario
     for scenario in ("clean", "lt10"):
@@ -260,6 +308,12 @@ def test_markdown_tables_print_the_hand_computed_numbers(analysed):
     assert "## lt10 (no label noise, imbalance ratio 10)" in text
     assert "- ERM: differences identical on every seed: t undefined" in text
     assert "- ERM: paired test needs >= 2 seeds run by both methods, have 1" in text
+    # Each difference table names its Holm family's size: every comparison with a p in it.
+    for scenario in ("clean", "lt10"):
+        n = holm_by_hand(scenario, "caat", "natural_acc")[1]
+        assert (f"p of the paired t-test, Holm-adjusted over {n} comparisons in this table):"
+                in text.split(f"## {scenario} (")[1].split("\n## ")[0])
+    assert holm_by_hand("clean", "caat", "natural_acc")[1] == 17  # ERM's 1 identical: no p
 
 
 def test_notes_say_what_a_half_finished_sweep_is_missing(analysed):
@@ -272,9 +326,10 @@ def test_notes_say_what_a_half_finished_sweep_is_missing(analysed):
 
 def tex_row(cells_, first_bold_marker="**"):
     out = []
-    for c in cells_:
+    for i, c in enumerate(cells_):
         bold = c.startswith(first_bold_marker)
-        c = c.strip("*").replace(" ± ", r" $\pm$ ")
+        c = c.strip("*")
+        c = c.replace("-", "$-$") if i else c  # typeset minus signs in the values
         out.append(rf"\textbf{{{c}}}" if bold else c)
     return " & ".join(out) + r" \\"
 
@@ -289,8 +344,8 @@ def test_latex_tables_print_the_same_numbers(analysed):
             assert tex_row([name, *row[1:]]) in lines, (scenario, row)
     for scenario in ("clean", "lt10"):
         for row in expected_diff_rows(scenario):
-            vals = [v.replace("(p", "($p").replace(")", "$)").replace("-", "$-$", 1)
-                    for v in row[2:]]
+            vals = [v.replace("-", "$-$").replace("(p", "($p").replace(", Holm ", "$, Holm $")
+                    .replace(")", "$)") for v in row[2:]]
             assert " & ".join(row[:2] + vals) + r" \\" in lines, (scenario, row)
     assert r"\multicolumn{8}{l}{\textit{noisy20 (uniform noise 20\%, balanced)}} \\" in lines
     assert "% note: half-finished sweep: analysed 10 of 11 cells; missing: lt10/mwn (1 failed)" \
