@@ -120,9 +120,11 @@ def classwise_table(selected: pd.DataFrame,
 
 
 def _images(runs: pd.DataFrame, worst: bool) -> float:
-    """One run's images behind a cell's accuracy (the smallest over its runs): all counted
-    classes, or the run's worst class (the smallest count among tied worst classes)."""
-    if not len(runs) or runs["count"].isna().any():
+    """One run's images behind a cell's accuracy (the smallest over the runs that count
+    them): all its classes, or its worst class (the smallest count among tied worst ones)."""
+    uncounted = runs.loc[runs["count"].isna(), "run_id"].unique()
+    runs = runs[~runs["run_id"].isin(uncounted)]
+    if not len(runs):
         return math.nan
     per_run = (runs[runs["worst"]].groupby("run_id")["count"].min() if worst
                else runs.groupby("run_id")["count"].sum())
