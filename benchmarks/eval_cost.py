@@ -12,6 +12,13 @@ trained here with PGD-AT for 3 epochs on 5000 Fashion-MNIST images (about 2 minu
 (the same class-balanced subset of the test split). The machine, its load and the command
 are printed with the figures: AutoAttack's cost scales with the robust images left, so a
 figure holds for models of about the printed accuracy.
+
+--scale-to ARCH [--scale-images N]: an estimate, labelled as one, of the same attacks on
+ARCH (CIFAR-shaped input, 3 x 32 x 32, 10 classes) over N test images (default 10000, a
+CIFAR test split): each measured seconds-per-image times the ratio of one attack pass
+(forward and input-gradient backward, batch 128) of ARCH to one of the measured model, both
+timed here. It assumes AutoAttack's passes per image stay those of the measured model (they
+grow with the images still robust), so it holds for a model of about the printed accuracy.
 """
 
 from __future__ import annotations
@@ -57,6 +64,23 @@ def model_and_config(path: str | None) -> tuple[torch.nn.Module, TrialConfig, st
     return load_checkpoint(model_file), cfg, str(model_file)
 
 
+def pass_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int = 128,
+                 reps: int = 3) -> float:
+    """Seconds per image of one attack pass of ``model``: forward, cross-entropy, backward
+    to the input (what every PGD or APGD iteration costs), best of ``reps`` after a warm-up."""
+    x = torch.rand(batch, *shape)
+    y = torch.zeros(batch, dtype=torch.long)
+    model.eval()
+    best = float("inf")
+    for i in range(reps + 1):
+        xi = x.clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(xi), y).backward()
+        if i:  # the first pass warms the allocator and kernels up
+            best = min(best, time.perf_counter() - t0)
+    return best / batch
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -71,6 +95,9 @@ def main() -> None:
                         help=f"comma-separated, from {', '.join(ATTACKS)}")
     parser.add_argument("--targets", type=int, default=3, help="APGD-T targets of `fast`")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--scale-to", default=None, metavar="ARCH",
+                        help="also estimate each attack's cost on ARCH (3x32x32, 10 classes)")
+    parser.add_argument("--scale-images", type=int, default=10000)
     args = parser.parse_args()
     attacks = args.attacks.split(",")
     if unknown := sorted(set(attacks) - set(ATTACKS)):
@@ -93,7 +120,7 @@ def main() -> None:
     print(f"# model: {what}; {cfg.dataset.name}, {len(y)} test images (class-balanced), "
           f"L-inf eps {eps:.4f}")
     print(f"{'attack':<10} {'seconds':>8} {'s/image':>8} {'accuracy':>9}  flags")
-    natural = None
+    natural, per_image = None, {}
     for name in attacks:
         if name == "pgd-20":
             res, sec = timed(lambda: evaluate(model, x, y, splits.num_classes, eps=eps, steps=20,
@@ -105,12 +132,28 @@ def main() -> None:
             res, sec = timed(lambda n=name, t=targets: run_autoattack(
                 model, x, y, eps=eps, version=n, targets=t))
             acc, flags = res.correct.double().mean().item(), res.flags
+        per_image[name] = sec / len(y)
         print(f"{name:<10} {sec:8.1f} {sec / len(y):8.3f} {acc:9.4f}  {len(flags)}"
               + "".join(f"\n{'':39}{f}" for f in flags))
     if natural is not None:
         print(f"# natural accuracy {natural:.4f}; load average at end {os.getloadavg()[0]:.1f}")
     else:
         print(f"# load average at end {os.getloadavg()[0]:.1f}")
+    if args.scale_to:
+        print_estimate(model, tuple(x.shape[1:]), args.scale_to, args.scale_images, per_image)
+
+
+def print_estimate(model: torch.nn.Module, shape: tuple[int, ...], arch: str, images: int,
+                   per_image: dict[str, float]) -> None:
+    from trainables.models import build
+
+    target = build(arch, 10, 3, input_shape=(3, 32, 32))
+    ratio = pass_seconds(target, (3, 32, 32)) / pass_seconds(model, shape)
+    print(f"# ESTIMATE, not a measurement: {arch} on {images} images of 3x32x32, this CPU; one "
+          f"attack pass of {arch} costs {ratio:.1f}x the measured model's (timed here)")
+    print(f"{'attack':<10} {'s/image':>8} {'hours':>8}")
+    for name, sec in per_image.items():
+        print(f"{name:<10} {sec * ratio:8.2f} {sec * ratio * images / 3600:8.1f}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,10 @@ def trial_config(scenario: str, method: str, seed: int, args: argparse.Namespace
         # One warm start per scenario and seed, shared by every method.
         "init": {"erm_epochs": 1, "cache_dir": str(Path(args.out) / "warm_starts")},
         "optim": {"epochs": args.epochs, "batch_size": 128, "lr": 0.05},
-        "eval": {"steps": 20, "every": args.epochs},
+        # Validation every epoch, so the best checkpoint (`eval.keep_best`, chosen on
+        # validation robust accuracy) can be an earlier epoch's; the test split once, at the
+        # end, for the last and the best weights.
+        "eval": {"steps": 20, "every": 1, "test": "final"},
         "runtime": {"seed": seed, "device": "cpu", "threads": args.threads},
     }
 
@@ -96,6 +99,7 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
     # (frac_anti and CAAT's direction diagnostics) beside the test metrics.
     metrics["val"] = {k.removeprefix("val_"): v for k, v in result.metrics.items()
                       if k.startswith("val_")}
+    metrics["best_epoch"] = result.metrics.get("best_epoch")
     metrics["history"] = result.history
     metrics["config"] = cfg
     metrics["resolved"] = result.config.resolved()  # what ran, defaults filled in

@@ -26,7 +26,8 @@ def differences(now: dict, before: dict, path: str = "") -> list[str]:
     out = []
     for key, value in now.items():
         if key not in before:
-            out.append(f"{path}{key}: new")
+            if ADDED_SINCE.get(f"{path}{key}", object()) != value:
+                out.append(f"{path}{key}: new")
         elif isinstance(value, dict):
             out += differences(value, before[key], f"{path}{key}.")
         elif value != before[key]:
@@ -36,6 +37,10 @@ def differences(now: dict, before: dict, path: str = "") -> list[str]:
     return out
 
 
+# Keys added to the config after the record was written, at their defaults (best and last
+# checkpoints): a shipped config that leaves them at these values resolves as before.
+ADDED_SINCE = {"eval.keep_best": True, "eval.best_metric": "val_robust_acc",
+               "eval.autoattack_best": False}
 # Spaces shipped after the record was written (their methods' knobs did not exist before).
 NEWER_SPACES = {"baselines.yaml"}
 
