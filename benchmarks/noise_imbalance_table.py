@@ -48,6 +48,11 @@ COLUMNS = {"natural_acc": "natural", "robust_acc": "robust",
 # `AA images` says how many (the nine baselines' rows: 200, for the CPU time).
 AA_COLUMNS = {"autoattack_acc": "AutoAttack", "worst_class_autoattack_acc":
               "worst-class AutoAttack", "pgd_autoattack_gap": "PGD-AA gap"}
+# The best checkpoint's (`eval.keep_best`: the epoch of the highest validation robust
+# accuracy), and the robust overfitting gap: best robust - last robust, per seed.
+BEST_COLUMNS = {"best_natural_acc": "best: natural", "best_robust_acc": "best: robust",
+                "best_worst_class_robust_acc": "best: worst-class robust",
+                "overfit_gap": "best - last robust"}
 
 
 def method_block(method: str, knobs: dict) -> dict:
@@ -106,6 +111,9 @@ def run_one(cfg: dict, out: str) -> tuple[str, float]:
     metrics["seconds"] = time.perf_counter() - t0
     # The model too, for benchmarks/independent_pgd.py's cross-check of robust_acc.
     save_checkpoint(result.model, Path(out) / "model.pt")
+    if result.best is not None and result.best.weights is not None:
+        save_checkpoint(result.best.model(result.model), Path(out) / "model_best.pt",
+                        extra={"epoch": result.best.epoch})
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return out, metrics["seconds"]
 
@@ -142,8 +150,12 @@ def collect(root: Path) -> pd.DataFrame:
         scenario, method, seed = path.parts[-4], path.parts[-3], path.parts[-2]
         history = m.get("history", [])
         first, last = (history[0], history[-1]) if history else ({}, {})
+        best = {k: 100 * m[k] if k in m else float("nan") for k in BEST_COLUMNS}
+        best["overfit_gap"] = best["best_robust_acc"] - 100 * m["robust_acc"]
         rows.append({"scenario": scenario, "method": method, "seed": seed,
                      **{k: 100 * m[k] for k in COLUMNS}, "minutes": m["seconds"] / 60,
+                     **best, "best_epoch": m.get("best_epoch", float("nan")),
+                     "worst_class_wilson": worst_class_wilson(m),
                      "epochs": total_epochs(m.get("resolved") or m["config"]),
                      **{k: 100 * aa[k] if k in aa else float("nan") for k in AA_COLUMNS},
                      "aa_samples": aa.get("settings", {}).get("samples", float("nan")),
@@ -163,13 +175,32 @@ def total_epochs(cfg: dict) -> int:
     return int(cfg.get("init", {}).get("erm_epochs", 0)) + int(cfg["optim"]["epochs"])
 
 
-def cell(rows: pd.DataFrame, key: str, digits: int = 1) -> str:
-    """mean ± sample std over the rows (just the mean for one; - for none)."""
+def worst_class_wilson(m: dict) -> float:
+    """The half-width (points) of the 95% Wilson interval of a run's worst-class robust
+    accuracy on its own test images of that class (NaN for runs without class counts)."""
+    from sweeper.analysis._intervals import wilson_interval
+
+    acc, counts = m.get("class_robust_acc"), m.get("class_count")
+    if not acc or not counts:
+        return float("nan")
+    c = min(range(len(acc)), key=lambda i: acc[i])
+    low, high = wilson_interval(acc[c] * counts[c], counts[c])
+    return 100 * (high - low) / 2
+
+
+def cell(rows: pd.DataFrame, key: str, digits: int = 1, interval: bool = False) -> str:
+    """mean ± sample std over the rows, or with ``interval`` the mean and its 95%
+    t-interval over seeds, "mean [low, high]" (just the mean for one; - for none)."""
+    from sweeper.analysis._intervals import t_interval
+
     values = rows[key].dropna()
     if values.empty:
         return "-"
     if len(values) == 1:
         return f"{values.mean():.{digits}f}"
+    if interval:
+        low, high = t_interval(values.to_numpy(float))
+        return f"{values.mean():.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
@@ -183,17 +214,18 @@ def count_cell(rows: pd.DataFrame, key: str) -> str:
 
 
 def markdown_rows(block: pd.DataFrame, names: list[str], columns: dict[str, int], *,
-                  counts: tuple[str, ...] = (), after: tuple[str, ...] = ()) -> list[str]:
+                  counts: tuple[str, ...] = (), after: tuple[str, ...] = (),
+                  interval: bool = False) -> list[str]:
     """One markdown row per name present in `block` (its `method` column): n, the integer
-    columns ``counts`` (`count_cell`), a cell per column key (with its digits), the integer
-    columns ``after``, and the mean minutes per trial."""
+    columns ``counts`` (`count_cell`), a cell per column key (with its digits; `cell`'s
+    ``interval``), the integer columns ``after``, and the mean minutes per trial."""
     lines = []
     for name in names:
         rows = block[block.method == name]
         if rows.empty:
             continue
         cells = ([count_cell(rows, key) for key in counts]
-                 + [cell(rows, key, digits) for key, digits in columns.items()]
+                 + [cell(rows, key, digits, interval) for key, digits in columns.items()]
                  + [count_cell(rows, key) for key in after])
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
                      + f" | {rows.minutes.mean():.1f} |")
@@ -210,6 +242,30 @@ def table(df: pd.DataFrame) -> str:
         lines.append("|---|---|---|" + "---|" * (len(columns) + 2))
         lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1), counts=("epochs",),
                                after=("aa_samples",))
+    return "\n".join(lines)
+
+
+def best_last_table(df: pd.DataFrame) -> str:
+    """Last and best checkpoints per scenario, each figure its mean and 95% t-interval over
+    seeds; below each, the widest 95% Wilson interval of one run's worst-class robust
+    accuracy (the measurement precision of one run on that class's test images)."""
+    lines = []
+    df = df[df["best_epoch"].notna()]
+    for scenario, block in df.groupby("scenario", sort=False):
+        lines.append(f"\n{scenario}: last and best checkpoints (test accuracy %, mean "
+                     "[95% t-interval over seeds])\n")
+        columns = {k: v for k, v in COLUMNS.items() if k != "worst_class_natural_acc"}
+        columns |= BEST_COLUMNS
+        lines.append("| method | n | epochs | best epoch | " + " | ".join(columns.values())
+                     + " | min/trial |")
+        lines.append("|---|---|---|---|" + "---|" * (len(columns) + 1))
+        lines += markdown_rows(block, METHODS, dict.fromkeys(columns, 1),
+                               counts=("epochs", "best_epoch"), interval=True)
+        wilson = block["worst_class_wilson"].dropna()
+        if len(wilson):
+            lines.append(f"\nOne run's worst-class robust accuracy: 95% Wilson interval at most "
+                         f"±{wilson.max():.1f} points (median ±{wilson.median():.1f}) on "
+                         "that class's test images.")
     return "\n".join(lines)
 
 
@@ -239,7 +295,9 @@ def main() -> None:
             for i, fut in enumerate(as_completed(futures), 1):
                 out, secs = fut.result()
                 print(f"[{i}/{len(todo)}] {out}: {secs / 60:.1f} min", flush=True)
-    print(table(collect(root)))
+    results = collect(root)
+    print(table(results))
+    print(best_last_table(results))
 
 
 if __name__ == "__main__":
