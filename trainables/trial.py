@@ -1,10 +1,11 @@
 """One trial: data -> scenario -> model -> epochs of a method -> metrics and checkpoints.
 
 `run_trial(config, reporter)` is the single code path for `caat-sweep train` (a plain
-reporter writing to a directory) and for Ray Tune (the thin adapter at the bottom, the only
-place in `trainables` that imports Ray). Each epoch reports metrics together with a
-checkpoint holding everything needed to continue bit-for-bit: model, optimiser, method
-state, RNG state, epoch and metric history. Batch order and augmentation are drawn from
+reporter writing to a directory) and for Ray Tune (a thin adapter; both reporters and the
+checkpoint format live in `trainables.checkpoints`). Each epoch reports metrics together
+with a checkpoint holding everything needed to continue bit-for-bit: model, optimiser,
+method state, RNG state, epoch, metric history and the best epoch's weights
+(`trainables.best`). Batch order and augmentation are drawn from
 generators seeded by (seed, epoch), so a resumed trial sees the same batches. The tensors
 a trial trains on come from `trainables.problem`; `prepare` is the set-up before a model.
 """

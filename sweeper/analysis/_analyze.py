@@ -78,7 +78,7 @@ def write_outputs(summary: Summary, out: str | Path, title: str = "") -> list[Pa
     # objectives did not: their file keeps its columns).
     tuned = ("tuned_by",) if "tuned_by" in selected and selected["tuned_by"].notna().any() else ()
     cols = [c for c in ("scenario", "method", "seed", "source", "phase", "trial_id", *tuned,
-                        "run_id", *summary.metrics) if c in selected]
+                        "run_id", *summary.metrics, *summary.best_metrics) if c in selected]
     selected[cols].to_csv(out / "selected_runs.csv", index=False, float_format="%.10g")
     files.append(out / "selected_runs.csv")
     views: dict[str, list[tuple[str, str]]] = {}

@@ -205,7 +205,9 @@ def caption(summary: Summary) -> str:
                  "Wilson 95% interval at the cell's mean, on one run's images (of n): how "
                  "precisely a single evaluation measures it. The seeds are evaluated on the "
                  "same test images, so their counts are not pooled; it is no interval over "
-                 "seeds.")
+                 "seeds. classwise.csv has both per class (ci_*: over seeds; wilson_*: one "
+                 "run's count), classwise_runs.csv each run's Wilson interval per class, its "
+                 "worst class marked.")
     if summary.best_metrics:
         text += (" Best checkpoint: each run's weights of its best epoch by a validation "
                  "metric, on the same test images; robust overfitting gap: its robust "
