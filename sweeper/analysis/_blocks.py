@@ -200,7 +200,7 @@ def caption(summary: Summary) -> str:
         text += (" AutoAttack: accuracy under AutoAttack on a fixed test subset; PGD-AA gap: "
                  "PGD's robust accuracy minus AutoAttack's on that subset (a large one means "
                  "gradient masking).")
-    if summary.tidy["wilson_n"].notna().any():
+    if "wilson_n" in summary.tidy and summary.tidy["wilson_n"].notna().any():
         text += (" Binomial precision (where runs count their test images): one run's "
                  "Wilson 95% interval at the cell's mean, on one run's images (of n): how "
                  "precisely a single evaluation measures it. The seeds are evaluated on the "
