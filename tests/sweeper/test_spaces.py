@@ -291,7 +291,8 @@ BAD = [
     ("bad confirm.eval value", _edit(("confirm",), {"seeds": [1], "eval": {"autoattack": "full"}}),
      "space.yaml: confirm.eval.autoattack: allowed: 'none', 'fast' or 'standard'"),
     ("confirm.eval out of range", _edit(("confirm",), {"eval": {"autoattack_samples": 0}}),
-     "space.yaml: confirm.eval.autoattack_samples: expected a number of test images >= 1, or all; got 0"),
+     "space.yaml: confirm.eval.autoattack_samples: expected a number of test images >= 1, "
+     "or all; got 0"),
     ("confirmation without test", _edit(("confirm",), {"eval": {"test": "none"}}),
      "space.yaml: confirm.eval.test: none would leave the confirmation runs, which the tables "
      "read, without test metrics; allowed: every, final"),
