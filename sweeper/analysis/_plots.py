@@ -170,9 +170,13 @@ def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
     for ax, kind in zip(axes, kinds, strict=True):
         for i, method in enumerate(methods):
             rows = data[data["method"].eq(method) & data["kind"].eq(kind)]
-            values = np.full(num_classes, np.nan)
-            values[rows["class"].to_numpy(int)] = 100 * rows["mean"].to_numpy(float)
+            values, low, high = (np.full(num_classes, np.nan) for _ in range(3))
+            at = rows["class"].to_numpy(int)
+            for into, column in ((values, "mean"), (low, "ci_low"), (high, "ci_high")):
+                into[at] = 100 * rows[column].to_numpy(float)
+            # The 95% t-interval over seeds of each class's mean (none for one seed).
             ax.bar(xs + (i - (len(methods) - 1) / 2) * width, values, width,
+                   yerr=error_bar(values, low, high), capsize=2, error_kw={"lw": 0.8},
                    color=styles[method]["color"], label=method_label(method))
         ax.set_ylabel(f"{kind} accuracy (%)" if kind != "autoattack" else "AutoAttack (%)")
         ax.set_ylim(0, 100)
@@ -183,8 +187,8 @@ def plot_classwise(summary: Summary, scenario: str, path: Path) -> Path | None:
     axes[-1].set_xlabel("class")
     axes[0].legend(ncol=min(len(methods), 7), loc="lower center", bbox_to_anchor=(0.5, 1.12),
                    frameon=False)
-    return save_scenario_figure(fig, scenario, srow, "per-class accuracy, mean over seeds",
-                                path)
+    return save_scenario_figure(fig, scenario, srow, "per-class accuracy, mean over seeds "
+                                "and its 95% t-interval", path)
 
 
 def save_scenario_figure(fig: Any, scenario: str, srow: pd.Series, what: str,

@@ -424,3 +424,28 @@ def test_tied_worst_classes_are_all_marked_and_the_smaller_count_counts():
     assert row["wilson_n"] == 20  # the tied worst class with fewer images: the wider interval
     assert (row["wilson_low"], row["wilson_high"]) == pytest.approx(
         proportion_confint(6, 20, method="wilson"))
+
+
+def test_classwise_plot_draws_each_classs_t_interval(summary, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from sweeper.analysis._plots import plot_classwise
+
+    calls = []
+    original = Axes.bar
+
+    def spy(self, x, height, *args, **kwargs):
+        calls.append((kwargs.get("label"), np.asarray(height, float), kwargs.get("yerr")))
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    assert plot_classwise(summary, "clean", tmp_path / "c.png") is not None
+    # The first panel is natural accuracy; CAAT's class 0 over its three seeds.
+    label, heights, yerr = next(c for c in calls if c[0] == "CAAT")
+    seeds = [100 * class_list(NATURAL["caat"][s], s)[0] for s in SEEDS]
+    low, high = t_ci(seeds)
+    np.testing.assert_allclose(heights[0], np.mean(seeds))
+    np.testing.assert_allclose(yerr[:, 0], [np.mean(seeds) - low, high - np.mean(seeds)])
