@@ -310,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="summary tables and trade-off plots of a sweep",
                        description="Read a sweep's runs from MLflow and write summary tables "
-                                   "(csv, md, tex, html) and plots into OUT. Per cell: its "
-                                   "confirmation runs aggregated over seeds, else its best "
-                                   "tuning run. The files written are also logged as "
+                                   "(csv, md, tex, html) and plots into OUT, opening with a "
+                                   "reviewer's checklist (also printed). Per cell: its "
+                                   "confirmation runs aggregated over seeds (mean and 95% "
+                                   "t-interval; differences from TRADES Holm-adjusted), "
+                                   "else its best tuning run; the last and the best "
+                                   "checkpoint (chosen on validation). The files written are also logged as "
                                    "artifacts analysis/ of the sweep's parent run (a re-run "
                                    "replaces those of the same name; if that upload fails, a "
                                    "warning, and the files in OUT are still complete). A "
