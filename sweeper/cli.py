@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run one trial without Ray",
                        description="Run one trial without Ray. Writes OUT/metrics.json (final "
-                                   "test metrics, class-wise lists, resolved config) and "
-                                   "OUT/model.pt. An interrupted run resumes from "
+                                   "test metrics of the last and the best checkpoint, "
+                                   "class-wise lists, resolved config), OUT/model.pt (the "
+                                   "last epoch's weights) and OUT/model_best.pt (the best "
+                                   "epoch's by eval.best_metric on validation). An interrupted run resumes from "
                                    "OUT/checkpoint when started again with the same config. "
                                    "Exit status 2, with one line naming the field, on a bad "
                                    "config or override, before anything is written; 130 "

@@ -73,6 +73,12 @@ def test_train_writes_metrics_and_a_loadable_model(tmp_path):
     with torch.no_grad():
         acc = (model(test.test_x).argmax(1) == test.test_y).float().mean().item()
     assert acc == pytest.approx(metrics["natural_acc"], abs=1e-6)
+    # One epoch: the best checkpoint is that epoch's, saved beside it with the same figures.
+    assert metrics["best_epoch"] == 1 and metrics["best_natural_acc"] == metrics["natural_acc"]
+    best = load_checkpoint(out / "model_best.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best.state_dict()[k]), k
+    assert "best checkpoint (epoch 1 by val_robust_acc)" in proc.stdout
     assert not (out / "checkpoint").exists()
 
 
