@@ -113,6 +113,10 @@ def _cell(rows: pd.DataFrame, metric: str) -> tuple[str, bool]:
     if metric not in rows.index:
         return NA, False
     r = rows.loc[metric]
+    if metric == BEST_EPOCH:
+        # An epoch index: its mean over seeds says where the peak sits; a t-interval of
+        # integers 1..E (negative at two seeds) would say nothing (summary.csv keeps it).
+        return _number(metric, r["mean"]), False
     return (with_interval(_number(metric, r["mean"]), _number(metric, r["ci_low"]),
                           _number(metric, r["ci_high"])), bool(r["best"]))
 

@@ -238,7 +238,8 @@ def test_best_and_last_both_shown_with_the_overfitting_gap(summary, outputs):
     assert "### best checkpoint (chosen on validation)" in md
     best_table = md.split("### best checkpoint (chosen on validation)")[1]
     assert "robust overfitting gap" in best_table and "best epoch" in best_table
-    assert "7.0 [" in best_table  # the best epoch in epochs, not percent
+    # The best epoch in epochs, not percent, and without an interval: the mean of 6, 7, 8.
+    assert "| 7.0 |" in best_table and "7.0 [" not in best_table
     html = (outputs / "summary.html").read_text()
     assert "<h3>best checkpoint (chosen on validation)</h3>" in html
 
