@@ -29,15 +29,19 @@ from sweeper.storage import check_shared
 from sweeper.tracking import Tracker
 from trainables.config import flatten, validate
 from trainables.errors import ConfigError
-from trainables.metric_names import AUTOATTACK_CLASSWISE
+from trainables.metric_names import AUTOATTACK_CLASSWISE, best_name
 
 # What a trial without AutoAttack (`eval.autoattack: none`) puts in classwise.json.
-WITHOUT_AUTOATTACK = [k for k in CLASSWISE_KEYS if k not in AUTOATTACK_CLASSWISE]
+WITHOUT_AUTOATTACK = [k for k in CLASSWISE_KEYS if k not in AUTOATTACK_CLASSWISE
+                      and k not in map(best_name, AUTOATTACK_CLASSWISE)]
 CELL_ERM, CELL_TRADES = "pair-0.2_ir-1_eps-0.1/erm", "pair-0.2_ir-1_eps-0.1/trades"
 METRIC_NAMES = {"train_loss", "train_samples_per_s"} | {
     f"{split}_{m}" for split in ("val", "test")
     for m in ("natural_acc", "robust_acc", "worst_class_natural_acc", "worst_class_robust_acc",
               "class_natural_acc_std", "boundary_error")}
+# A completed trial's last step adds its best checkpoint (`eval.keep_best`); a pruned one,
+# stopped before its last epoch, has none.
+BEST_NAMES = {"best_epoch"} | {best_name(m) for m in METRIC_NAMES if m.startswith("test_")}
 
 
 # ---------------------------------------------------------------------- the searcher
@@ -336,7 +340,9 @@ def test_params_metrics_and_classwise_artifact(tiny_sweep):
         expected = flatten(validate({k: v for k, v in config.items()
                                      if k != SWEEP_KEY}).resolved())
         assert params == {k: str(v) for k, v in expected.items()}
-        assert set(run.data.metrics) == METRIC_NAMES  # only trial metrics, none of Ray's
+        completed = run.data.tags["outcome"] == "completed"
+        # Only trial metrics, none of Ray's.
+        assert set(run.data.metrics) == METRIC_NAMES | (BEST_NAMES if completed else set())
         history = client.get_metric_history(run.info.run_id, "train_loss")
         steps = sorted(m.step for m in history)
         last = 3 if run.data.tags["outcome"] == "completed" else steps[-1]
@@ -347,8 +353,13 @@ def test_params_metrics_and_classwise_artifact(tiny_sweep):
         classwise = json.loads(Path(local).read_text())
         # ERM and TRADES: the evaluation lists only (CAAT adds its training diagnostics).
         assert set(classwise) == {k for k in WITHOUT_AUTOATTACK
-                                  if k.startswith(("val_", "test_"))}
-        assert all(len(v) == 3 and all(0 <= a <= 1 for a in v) for v in classwise.values())
+                                  if k.startswith(("val_", "test_"))
+                                  and (completed or not k.startswith("test_best_"))}
+        assert all(len(v) == 3 for v in classwise.values())
+        for key, values in classwise.items():
+            # Accuracies, and beside them the images per class they were measured on.
+            assert (all(int(a) == a >= 1 for a in values) if key.endswith("_count")
+                    else all(0 <= a <= 1 for a in values)), key
 
 
 def test_optuna_studies_record_pruned_trials_as_pruned(tiny_sweep):
