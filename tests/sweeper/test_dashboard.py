@@ -138,8 +138,11 @@ def test_a_real_process_serves_the_studies_and_stops_on_ctrl_c(tmp_path):
         # Bound to loopback only: the machine's other addresses do not answer.
         assert _listening_addresses(port) == {"127.0.0.1"}
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read().strip().splitlines()
+        # communicate: drains stderr while waiting (a full pipe would block the server);
+        # 60 s: a loaded 2-core CI machine once took longer than 30 to stop.
+        _, err_text = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err_text
+        err = err_text.strip().splitlines()
     finally:
         if proc.poll() is None:
             proc.kill()

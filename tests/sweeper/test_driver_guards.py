@@ -219,6 +219,9 @@ def test_ui_killed_by_pid_stops_its_whole_server(tmp_path, sig):
     assert "MLflow UI stopped" in err
     assert not [pid for pid in server if _alive(pid)], "server processes left behind"
     with socket.socket() as s:
+        # SO_REUSEADDR, as every server sets it: a connection the server closed may linger in
+        # TIME_WAIT on the port, which is no listener; the bind fails only if one is left.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # the port is free again
 
 
